@@ -1,0 +1,165 @@
+"""Dataset loading for training and evaluation, in one place.
+
+Every source becomes a list of rows `{"id", "problem", "answer", "solution"}` (solution may be None):
+- `arith`: the embedded task (data/arith.py), built from a seed, no files;
+- a local `.jsonl` / `.json` / `.parquet` file with `{problem, answer[, solution, id]}` or the
+  DAPO/verl schema (chat `prompt`, `reward_model.ground_truth`);
+- a Hugging Face hub dataset id with either schema, e.g. `BytedTsinghua-SIA/DAPO-Math-17k`;
+- a benchmark name from `BENCHMARKS` (evaluation), from the hub or from `data_file`.
+
+Rows are checked before any work starts: a row without a problem or answer, or whose gold does not
+parse as math, raises `DataError` naming source, row and field, unless `skip_bad_rows` is set (then
+they are counted and logged). Repeated problems are dropped (the hub DAPO-Math-17k repeats each
+prompt ~100x).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from data import arith
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_TASK = "arith"
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+# name -> (hub id, split); every one of them also loads from a local file via `data_file`.
+BENCHMARKS = {
+    "aime2024": ("HuggingFaceH4/aime_2024", "train"),
+    "aime2025": ("math-ai/aime25", "test"),
+    "aime2026": ("math-ai/aime26", "test"),
+    "hmmt2025": ("MathArena/hmmt_feb_2025", "train"),
+    "minerva": ("math-ai/minervamath", "test"),
+    EMBEDDED_TASK: (None, "eval"),
+}
+
+# The DAPO template asks for "Answer: ..." lines; strip it so every dataset gets one instruction.
+DAPO_PREFIX = re.compile(r"^Solve the following math problem step by step\..*?\n\n", re.DOTALL)
+DAPO_SUFFIX = re.compile(r"\n\nRemember to put your answer on its own line after \"Answer:\"\.\s*$")
+PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+class DataError(ValueError):
+    """A dataset row that cannot be used; the message names source, row and field."""
+
+
+def default_instruction(source: str) -> str:
+    """The embedded model was trained on bare problems; everything else gets the boxed instruction."""
+    return "" if source == EMBEDDED_TASK else BOXED_INSTRUCTION
+
+
+def user_prompt(problem: str, instruction: str) -> str:
+    return f"{problem}\n{instruction}" if instruction else problem
+
+
+def is_local_file(source: str) -> bool:
+    return Path(source).suffix in LOCAL_SUFFIXES or Path(source).is_file()
+
+
+def read_rows(source: str, split: str) -> list[dict]:
+    """Raw rows of a local file or hub dataset, through `datasets.load_dataset`."""
+    import datasets
+
+    if is_local_file(source):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{source}: no such file")
+        builder = LOCAL_SUFFIXES.get(path.suffix, "json")
+        return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
+    try:
+        return datasets.load_dataset(source, split=split).to_list()
+    except Exception as err:  # offline machines land here: say what to do instead
+        raise DataError(
+            f"could not load {source!r} (split {split!r}) from the Hugging Face hub: {err}\n"
+            "Without hub access pass a local .jsonl/.parquet file with {problem, answer} fields instead."
+        ) from err
+
+
+def normalize_row(raw: dict, index: int, id_prefix: str) -> dict:
+    """Map either supported schema to {id, problem, answer, solution}."""
+    if isinstance(raw.get("prompt"), list) and isinstance(raw.get("reward_model"), dict):  # DAPO / verl
+        extra = raw.get("extra_info") or {}
+        problem = extra.get("raw_problem") or next(
+            (m.get("content") for m in reversed(raw["prompt"]) if m.get("role") == "user"), None
+        )
+        if problem:
+            problem = DAPO_SUFFIX.sub("", DAPO_PREFIX.sub("", problem))
+        answer = raw["reward_model"].get("ground_truth")
+    else:
+        problem, answer = raw.get("problem", raw.get("question")), raw.get("answer")
+    row_id = next((raw[k] for k in ("id", "task_id", "problem_idx") if raw.get(k) is not None), None)
+    return {
+        "id": str(row_id) if row_id is not None else f"{id_prefix}-{index}",
+        "problem": problem,
+        "answer": None if answer is None else str(answer).strip(),
+        "solution": raw.get("solution"),
+    }
+
+
+def row_problem(row: dict) -> str | None:
+    """What is wrong with a normalized row, or None."""
+    from verifiers.math import gold_parses
+
+    for field in ("problem", "answer"):
+        if not isinstance(row[field], str) or not row[field].strip():
+            return f"field {field!r}: missing or empty"
+    if not PLAIN_NUMBER.match(row["answer"]) and not gold_parses(row["answer"]):
+        return f"field 'answer': gold {row['answer']!r} does not parse as math"
+    return None
+
+
+def check_rows(rows: list[dict], source: str, skip_bad_rows: bool) -> list[dict]:
+    good, skipped = [], []
+    for index, row in enumerate(rows):
+        problem = row_problem(row)
+        if problem is None:
+            good.append(row)
+        elif skip_bad_rows:
+            skipped.append(f"row {index} ({row['id']}): {problem}")
+        else:
+            raise DataError(f"{source}, row {index} (id {row['id']}): {problem}. "
+                            "Fix the row or pass --skip_bad_rows to drop such rows.")
+    if skipped:
+        logger.warning("%s: skipped %d bad rows; first: %s", source, len(skipped), "; ".join(skipped[:5]))
+    if not good:
+        raise DataError(f"{source}: no usable rows")
+    return good
+
+
+def deduplicate(rows: list[dict]) -> list[dict]:
+    seen, unique = set(), []
+    for row in rows:
+        if row["problem"] not in seen:
+            seen.add(row["problem"])
+            unique.append(row)
+    return unique
+
+
+def load_math_dataset(source: str, split: str = "train", *, skip_bad_rows: bool = False,
+                      embedded_size: int = 2000, seed: int = 0) -> list[dict]:
+    """Rows of a training or evaluation dataset (see module docstring for `source`)."""
+    if source == EMBEDDED_TASK:
+        return arith.generate_split(split, embedded_size, seed=seed)
+    id_prefix = Path(source).stem if is_local_file(source) else source.split("/")[-1]
+    rows = [normalize_row(raw, i, id_prefix) for i, raw in enumerate(read_rows(source, split))]
+    return deduplicate(check_rows(rows, source, skip_bad_rows))
+
+
+def load_benchmark(name: str, data_file: str | None = None, *, skip_bad_rows: bool = False,
+                   embedded_size: int = 200) -> list[dict]:
+    """Rows of a math benchmark from `BENCHMARKS`: from `data_file` if given, else from the hub."""
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHMARKS))}")
+    hub_id, split = BENCHMARKS[name]
+    if name == EMBEDDED_TASK and data_file is None:
+        return load_math_dataset(EMBEDDED_TASK, split, embedded_size=embedded_size)
+    try:
+        return load_math_dataset(data_file or hub_id, split, skip_bad_rows=skip_bad_rows)
+    except DataError as err:
+        if data_file:
+            raise
+        raise DataError(f"{err}\nFor {name} pass e.g. --data_file ../shared/data/<file>.jsonl.") from err

@@ -1,0 +1,105 @@
+"""Chat prompts and batched sampling, shared by train_antisd.py and evaluate.py.
+
+`chat_prompt_ids` renders messages with the tokenizer's own chat template; `sample` turns a list
+of prompt token ids (one entry per wanted sample: repeat a prompt G times for a group) into
+completions with transformers `generate`: left padding, sampling settings, everything after the
+first EOS cut off, truncation flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+def chat_messages(user_content: str, system_prompt: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": user_content}]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
+    """Token ids of `messages` rendered for generation (assistant turn opened).
+
+    `enable_thinking` is passed to templates that read it (Qwen3); others ignore extra kwargs.
+    """
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the generation config's and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@dataclass
+class Samples:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # up to and including the first EOS
+    truncated: list[bool]  # no EOS within max_new_tokens
+    texts: list[str]  # completions decoded without special tokens
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    synced_gpus: bool = False,
+    progress: bool = False,
+) -> Samples:
+    """Sample one completion per entry of `prompt_ids`, `batch_size` sequences per `generate` call.
+
+    `synced_gpus=True` keeps every process stepping until all are done, which a sharded (FSDP)
+    model needs: its forward is a collective. Seed torch before calling for reproducible samples.
+    """
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    completions, truncated = [], []
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate", disable=not progress, leave=False):
+        batch = prompt_ids[start:start + batch_size]
+        input_ids, attention_mask = left_pad(batch, pad_id)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            top_k=0 if temperature > 0 else None,  # transformers defaults top_k to 50: plain sampling wants none
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+            synced_gpus=synced_gpus,
+        )
+        for row in out[:, input_ids.shape[1]:].tolist():
+            ends = [i for i, tok in enumerate(row) if tok in eos_ids]
+            completions.append(row[: ends[0] + 1] if ends else row)
+            truncated.append(not ends)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Samples([list(p) for p in prompt_ids], completions, truncated, texts)
