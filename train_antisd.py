@@ -391,66 +391,71 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
     return to(input_ids), to(attention_mask), to(targets), to(positions), to(response_mask)
 
 
-def final_hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """Hidden states after the final norm, through the wrapped model's own forward (DDP/FSDP-safe).
+class ScoringHead(torch.nn.Linear):
+    """The model's LM head, which can also score just the sampled tokens, chunk by chunk.
 
-    The forward computes logits for the last position only (`logits_to_keep=1`); a hook on the
-    decoder body catches its output, which the caller projects in chunks.
+    While `request` is set, its forward takes the final hidden states [B, L, H], keeps the rows
+    that predict response tokens, projects them onto the vocabulary `chunk_rows` at a time and
+    returns [N, 2] = (log pi(target), entropy) instead of [B, L, vocab] logits. It runs inside the
+    model's own forward, so DDP/FSDP hooks see an ordinary forward; with grad enabled each chunk
+    is checkpointed, so its logits are rebuilt in backward instead of stored. Generation never
+    sets a request and gets plain logits.
     """
-    from accelerate.utils import extract_model_from_parallel
 
-    captured = {}
+    request: dict | None = None
 
-    def keep_output(_module, _args, output) -> None:  # returning None leaves the output unchanged
-        captured["h"] = output[0]
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.request is None:
+            return super().forward(hidden)
+        req = self.request
+        rows = hidden[req["batch_index"], req["positions"]]
+        out = []
+        for start in range(0, len(rows), req["chunk_rows"]):
+            h, t = rows[start:start + req["chunk_rows"]], req["targets"][start:start + req["chunk_rows"]]
+            if torch.is_grad_enabled():
+                logp = checkpoint(self._chunk_logprobs, h, t, use_reentrant=False)
+            else:
+                logp = self._chunk_logprobs(h, t)
+            if req["with_entropy"]:
+                with torch.no_grad():
+                    logits = super().forward(h).float()
+                    entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+            else:
+                entropy = torch.zeros_like(logp)
+            out.append(torch.stack([logp, entropy], dim=-1))
+        return torch.cat(out) if out else rows.new_zeros((0, 2), dtype=torch.float32)
 
-    hook = extract_model_from_parallel(model).get_decoder().register_forward_hook(keep_output)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-    finally:
-        hook.remove()
-    return captured["h"]
+    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(hidden).float()
+        return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
-def _chunk_logprobs(head, hidden, targets):
-    logits = head(hidden).float()
-    return torch.gather(logits, 1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-
-
-def _chunk_entropy(head, hidden):
-    logp = torch.log_softmax(head(hidden).float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def install_scoring_head(model) -> None:
+    """Turn the model's nn.Linear LM head into a ScoringHead (same weights, tying kept); before prepare()."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear and not isinstance(head, ScoringHead):
+        raise TypeError(f"chunked scoring needs an nn.Linear LM head, got {type(head).__name__}")
+    head.__class__ = ScoringHead
 
 
 def token_logprobs(model, input_ids, attention_mask, targets, positions, response_mask,
                    chunk_rows: int, with_entropy: bool = False):
-    """log pi(target) at each response position ([B, T], 0 off-mask), and the entropy if asked.
-
-    Rows are projected onto the vocabulary `chunk_rows` at a time; with grad enabled each chunk
-    is checkpointed, so its logits are rebuilt in backward instead of stored.
-    """
+    """log pi(target) at each response position ([B, T], 0 off-mask), and the entropy if asked."""
     from accelerate.utils import extract_model_from_parallel
 
     head = extract_model_from_parallel(model).get_output_embeddings()
-    hidden = final_hidden_states(model, input_ids, attention_mask)
+    if not isinstance(head, ScoringHead):
+        raise TypeError("call install_scoring_head(model) before accelerator.prepare(model)")
     active = response_mask.bool()
-    rows = hidden[torch.arange(len(hidden), device=hidden.device)[:, None].expand_as(positions)[active], positions[active]]
-    flat_targets = targets[active]
-    logps, entropies = [], []
-    for start in range(0, len(rows), chunk_rows):
-        h, t = rows[start:start + chunk_rows], flat_targets[start:start + chunk_rows]
-        if torch.is_grad_enabled():
-            logps.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
-        else:
-            logps.append(_chunk_logprobs(head, h, t))
-        if with_entropy:
-            with torch.no_grad():
-                entropies.append(_chunk_entropy(head, h))
-    logp = torch.zeros(response_mask.shape, device=hidden.device, dtype=torch.float32)
-    logp = logp.masked_scatter(active, torch.cat(logps)) if logps else logp
-    if not with_entropy:
-        return logp, None
-    entropy = torch.zeros_like(logp).masked_scatter(active, torch.cat(entropies)) if entropies else torch.zeros_like(logp)
+    batch_index = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(positions)
+    head.request = {"batch_index": batch_index[active], "positions": positions[active], "targets": targets[active],
+                    "chunk_rows": chunk_rows, "with_entropy": with_entropy}
+    try:
+        scored = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        head.request = None
+    logp = torch.zeros(response_mask.shape, device=scored.device, dtype=torch.float32).masked_scatter(active, scored[:, 0])
+    entropy = torch.zeros_like(logp).masked_scatter(active, scored[:, 1]) if with_entropy else None
     return logp, entropy
 
 
@@ -530,6 +535,7 @@ def load_model_and_tokenizer(name_or_path: str, cfg: Config):
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    install_scoring_head(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False if cfg.gradient_checkpointing else model.config.use_cache

@@ -1,0 +1,208 @@
+"""The algorithm core of train_antisd.py against hand-computed values (SPEC §1-2)."""
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from train_antisd import (
+    EntropyGate, ReleaseController, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
+    grpo_advantages, install_scoring_head, jsd_phi, loss_weights, pack_sequences, ppo_clip_loss, teacher_user_message,
+    token_logprobs, token_signal,
+)
+
+LOG2 = math.log(2)
+
+
+def test_jsd_phi_values():
+    u = torch.tensor([0.0, 1.0, -1.0, 50.0, -50.0])
+    expected = [0.0, 0.5 * (math.log1p(math.e) - LOG2), 0.5 * (math.log1p(math.exp(-1)) - LOG2),
+                0.5 * (50 - LOG2), -0.5 * LOG2]
+    assert jsd_phi(u).tolist() == pytest.approx(expected, abs=1e-6)
+    # phi' = sigmoid(u) / 2
+    x = torch.tensor([0.3, -2.0], requires_grad=True)
+    jsd_phi(x).sum().backward()
+    assert x.grad.tolist() == pytest.approx((torch.sigmoid(x.detach()) / 2).tolist())
+
+
+def test_token_signal_per_method():
+    u = torch.tensor([-2.0, 0.0, 3.0])
+    assert token_signal(u, "grpo").tolist() == [0.0, 0.0, 0.0]
+    assert token_signal(u, "sd").tolist() == [-2.0, 0.0, 3.0]
+    assert token_signal(u, "sd_jsd").tolist() == pytest.approx(jsd_phi(u).tolist())
+    anti = token_signal(u, "antisd")
+    assert anti.tolist() == pytest.approx((-jsd_phi(u)).tolist())
+    assert anti[0] > 0 and anti[2] < 0  # deliberation rewarded, shortcut penalized
+    assert token_signal(torch.tensor([-1e4]), "antisd").item() == pytest.approx(0.5 * LOG2)  # the bonus cap
+    with pytest.raises(ValueError):
+        token_signal(u, "nope")
+
+
+def test_grpo_and_combined_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = grpo_advantages(rewards, 4)
+    std = torch.tensor([1.0, 0, 0, 0]).std().item()
+    assert adv[:4].tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std], rel=1e-4)
+    assert adv[4:].tolist() == [0.0] * 4  # zero-std group: no sequence signal
+    signal = torch.tensor([[1.0, -2.0, 5.0], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    seq_adv = torch.tensor([2.0, -1.0])
+    out = combine_advantages(seq_adv, signal, 0.5, mask)
+    assert out.tolist() == [[2.5, 1.0, 0.0], [-0.75, -0.75, -0.75]]
+    per_seq = combine_advantages(seq_adv, signal, torch.tensor([0.0, 2.0]), mask)
+    assert per_seq.tolist() == [[2.0, 2.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_entropy_gate_transitions_and_state():
+    gate = EntropyGate(warmup_steps=5, down_ratio=0.93, lambda_max=0.5)
+    assert [gate.update(h) for h in [2.0, 1.0, 3.0, 2.5, 1.5]] == [0.0] * 5
+    assert gate.h_warm == 2.0 and gate.open
+    assert gate.update(1.9) == 0.5        # 1.9 >= 0.93 * 2 = 1.86: stays open
+    assert gate.update(1.85) == 0.0       # below tau_down: closes on this very step
+    assert gate.update(1.99) == 0.0       # hysteresis: needs H >= H_warm to re-open
+    saved = gate.state_dict()
+    assert gate.update(2.0) == 0.5        # re-opens at H_warm
+    restored = EntropyGate(warmup_steps=5)
+    restored.load_state_dict(saved)
+    assert restored.update(2.0) == 0.5 and restored.state_dict() == gate.state_dict()
+
+
+def test_release_controller():
+    ctrl = ReleaseController(warmup_steps=2, down_ratio=0.93, reopen_ratio=1.07, lambda_max=0.5, max_response_tokens=3)
+    ppl = torch.tensor([1.5, 2.5, 4.0])
+    for avg in (2.0, 2.2):
+        assert ctrl.sequence_lambdas(ppl).tolist() == [0.0, 0.0, 0.0]
+        ctrl.end_step(avg, u_std=1.0)
+    assert ctrl.warm_median == pytest.approx(2.1) and ctrl.tau == pytest.approx(0.93 * 2.1)
+    assert ctrl.sigma_ref == 1.0 and ctrl.open
+    lam = ctrl.sequence_lambdas(ppl)  # prev avg 2.2 >= tau: open
+    expected = [min(max(0.2 * math.log(min(max(p / ctrl.tau, 0.5), 3)), 0), 0.5) for p in (1.5, 2.5)]
+    assert lam.tolist() == pytest.approx(expected + [0.0])  # PPL > 3: no signal
+    ctrl.end_step(1.5, 1.0)  # below tau: the next step's gate closes
+    assert ctrl.sequence_lambdas(ppl).tolist() == [0.0, 0.0, 0.0] and not ctrl.open
+    ctrl.end_step(2.2, 1.0)  # 2.2 < 1.07 * 2.1 = 2.247: stays closed
+    assert not ctrl.sequence_lambdas(ppl).any()
+    ctrl.end_step(2.3, 1.0)
+    assert ctrl.sequence_lambdas(ppl).any() and ctrl.open
+    # signal processing: outlier zeroed, z-scored per sequence, long responses dropped
+    u = torch.tensor([[0.1, -0.2, 3.0, 0.0], [0.5, -0.5, 0.2, 0.1]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    out = ctrl.process(u, mask, "antisd")
+    assert out[0, 2] == 0 and out[0, 3] == 0          # |u| > 2 sigma_ref, and padding
+    assert out[0, :2].sum().item() == pytest.approx(0, abs=1e-5)  # z-scored over kept tokens
+    assert out[1].abs().sum() == 0                    # 4 tokens > max_response_tokens=3
+
+
+def test_ppo_clip_loss_and_weights():
+    logp = torch.log(torch.tensor([[1.5, 1.0], [0.5, 1.0]]))
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    weights = loss_weights(mask, "token-mean", total_tokens=3.0, total_seqs=2.0)
+    loss, clipped = ppo_clip_loss(logp, old, adv, weights, 0.2, 0.28)
+    # ratio 1.5 with A>0 clipped at 1.28; ratio 0.5 with A<0 clipped at 0.8
+    assert loss.item() == pytest.approx(-(1.28 + 1.0 - 0.8) / 3)
+    assert clipped.item() == 2
+    seq = loss_weights(mask, "seq-mean-token-mean", 3.0, 2.0)
+    assert seq.tolist() == [[0.25, 0.25], [0.5, 0.0]]
+
+
+def test_privileged_context_choice_and_template():
+    rewards = [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    texts = ["a", "b", "c", "d", "e", "f"]
+    shown = choose_shown_solutions(rewards, texts, 3, ["ref-0", None], random.Random(0))
+    assert shown[0] == "c" and shown[2] == "a"   # never its own text
+    assert shown[1] in ("a", "c")
+    assert shown[3:] == [None, None, None]        # no correct sibling, no dataset solution
+    assert choose_shown_solutions([0.0] * 3, texts[:3], 3, ["ref"], random.Random(0)) == ["ref"] * 3
+    assert choose_shown_solutions([1.0, 0.0], ["x", "y"], 2, [None], random.Random(0)) == [None, "x"]
+    assert cut_after_last_boxed("so \\boxed{1} then \\boxed{\\frac{1}{2}} trailing") == "so \\boxed{1} then \\boxed{\\frac{1}{2}}"
+    assert cut_after_last_boxed("no box") == "no box"
+    msg = teacher_user_message("P?", "S", "Your answer is incorrect.")
+    assert msg == "P?\nYour previous attempt:\n\nS\n\n\nPrevious assessment: Your answer is incorrect.\n\n\nNow solve this problem step by step.\n"
+    assert "previous attempt" not in teacher_user_message("P?", None, "Your answer is correct.")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    model = Qwen3ForCausalLM(config).float()
+    install_scoring_head(model)
+    return model
+
+
+def naive_logprobs(model, prompts, responses):
+    """Reference: one sequence at a time, full [length, vocab] log-softmax."""
+    out, ent = [], []
+    for p, r in zip(prompts, responses):
+        logits = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1].float()
+        logp = torch.log_softmax(logits, -1)
+        out.append(logp.gather(1, torch.tensor(r)[:, None])[:, 0])
+        ent.append(-(logp.exp() * logp).sum(-1))
+    return out, ent
+
+
+def test_chunked_scoring_equals_naive_and_aligns(small_model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    responses = [[11, 12, 13, 14], [15, 16], [17, 18, 19]]
+    packed = pack_sequences(prompts, responses, pad_id=0, device="cpu")
+    with torch.no_grad():
+        logp, entropy = token_logprobs(small_model, *packed, chunk_rows=3, with_entropy=True)
+        ref_logp, ref_ent = naive_logprobs(small_model, prompts, responses)
+    for row, (lp, en) in enumerate(zip(ref_logp, ref_ent)):
+        n = len(responses[row])
+        torch.testing.assert_close(logp[row, :n], lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy[row, :n], en, atol=1e-5, rtol=1e-5)
+        assert logp[row, n:].abs().sum() == 0
+    # gradients through the checkpointed chunks equal the naive ones
+    small_model.zero_grad()
+    chunked, _ = token_logprobs(small_model, *packed, chunk_rows=2)
+    chunked.sum().backward()
+    grads = [p.grad.clone() for p in small_model.parameters()]
+    small_model.zero_grad()
+    torch.stack([x.sum() for x in naive_logprobs(small_model, prompts, responses)[0]]).sum().backward()
+    for g, p in zip(grads, small_model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_and_student_align_token_by_token(small_model):
+    """Same response ids after different prompts: position t scores the same token y_t."""
+    response = [21, 22, 23, 24, 25]
+    student_prompt, teacher_prompt = [1, 2, 3], [1, 2, 3, 30, 31, 32, 33, 34, 3]
+    with torch.no_grad():
+        s, _ = token_logprobs(small_model, *pack_sequences([student_prompt], [response], 0, "cpu"), chunk_rows=64)
+        t, _ = token_logprobs(small_model, *pack_sequences([teacher_prompt], [response], 0, "cpu"), chunk_rows=64)
+        ref_s, _ = naive_logprobs(small_model, [student_prompt], [response])
+        ref_t, _ = naive_logprobs(small_model, [teacher_prompt], [response])
+        same, _ = token_logprobs(small_model, *pack_sequences([student_prompt] * 2, [response] * 2, 0, "cpu"), chunk_rows=4)
+    torch.testing.assert_close(s[0], ref_s[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t[0], ref_t[0], atol=1e-5, rtol=1e-5)
+    assert (t[0] - s[0]).abs().max() > 1e-4          # the context changes the scores...
+    torch.testing.assert_close(same[0], same[1])     # ...and the same context gives u = 0
+
+
+def test_token_mean_is_the_same_in_micro_steps(small_model):
+    """Gradient of the full batch at once == sum of micro-step gradients (DAPO token-mean)."""
+    prompts = [[1, 2], [3, 4, 5], [6], [7, 8]]
+    responses = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19]]
+    adv_seq = torch.tensor([1.0, -0.5, 0.3, -1.0])
+
+    def grads(groups):
+        small_model.zero_grad()
+        total = float(sum(len(r) for r in responses))
+        for idx in groups:
+            ids, attn, tgt, pos, mask = pack_sequences([prompts[i] for i in idx], [responses[i] for i in idx], 0, "cpu")
+            logp, _ = token_logprobs(small_model, ids, attn, tgt, pos, mask, chunk_rows=3)
+            signal = token_signal((tgt.float() % 3 - 1) * mask, "antisd")  # a fixed u per token
+            adv = combine_advantages(adv_seq[list(idx)], signal, 0.5, mask)
+            loss, _ = ppo_clip_loss(logp, logp.detach(), adv, loss_weights(mask, "token-mean", total, 4.0), 0.2, 0.2)
+            loss.backward()
+        return [p.grad.clone() for p in small_model.parameters()]
+
+    whole, split = grads([range(4)]), grads([range(0, 1), range(1, 3), range(3, 4)])
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
