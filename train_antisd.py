@@ -635,7 +635,7 @@ def main(cfg: Config) -> None:
         logger.info("resumed from %s at step %d", resume_from, start_step)
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process and metrics_path.exists():  # drop steps past the checkpoint
-        kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and start_step and json.loads(l)["step"] < start_step]
+        kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and start_step and json.loads(l)["step"] <= start_step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     accelerator.init_trackers("antisd", config={k: v for k, v in asdict(cfg).items() if v is not None})
     verifier = MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)

@@ -90,7 +90,7 @@ def normalize_row(raw: dict, index: int, id_prefix: str) -> dict:
             problem = DAPO_SUFFIX.sub("", DAPO_PREFIX.sub("", problem))
         answer = raw["reward_model"].get("ground_truth")
     else:
-        problem, answer = raw.get("problem", raw.get("question")), raw.get("answer")
+        problem, answer = raw.get("problem") or raw.get("question"), raw.get("answer")
     row_id = next((raw[k] for k in ("id", "task_id", "problem_idx") if raw.get(k) is not None), None)
     return {
         "id": str(row_id) if row_id is not None else f"{id_prefix}-{index}",

@@ -1,0 +1,47 @@
+"""Per-phase seconds of a training step, GRPO vs AntiSD, on the embedded default (CPU is fine).
+
+    python bench/step_time.py                 # 8 steps of each on the default settings
+    python bench/step_time.py --steps 12 -- --max_new_tokens 96   # extra flags go to train_antisd.py
+
+Prints the mean seconds per phase over the steps after the first (which warms caches), and the
+AntiSD / GRPO step-time ratio (the target is <= 1.15).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_antisd import main, parse_config  # noqa: E402
+
+PHASES = ("generate", "reward", "teacher", "update", "step")
+
+
+def measure(method: str, steps: int, extra: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as out:
+        main(parse_config(["--method", method, "--max_steps", str(steps), "--save_steps", "0",
+                           "--report_to", "none", "--output_dir", out, *extra]))
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()][1:]
+    result = {phase: statistics.fmean(r[f"time/{phase}_s"] for r in rows) for phase in PHASES}
+    result["tokens_per_s"] = statistics.fmean(r["tokens_per_s"] for r in rows)
+    result["length"] = statistics.fmean(r["length/mean"] for r in rows)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("extra", nargs="*", help="flags passed on to train_antisd.py (after --)")
+    args = parser.parse_args()
+    results = {method: measure(method, args.steps, args.extra) for method in ("grpo", "antisd")}
+    print(f"\nmean seconds per step over steps 2..{args.steps}")
+    print(f"| method | {' | '.join(PHASES)} | tokens/s | mean length |")
+    print("|---" * (len(PHASES) + 3) + "|")
+    for method, r in results.items():
+        print(f"| {method} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES) + f" | {r['tokens_per_s']:.0f} | {r['length']:.1f} |")
+    ratio = results["antisd"]["step"] / results["grpo"]["step"]
+    print(f"\nAntiSD / GRPO step time: {ratio:.3f} (target <= 1.15)")

@@ -1,0 +1,163 @@
+"""Real training steps of the embedded tiny model: every method, resume, config, 2-process paths."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_antisd
+from train_antisd import Config, latest_checkpoint, main, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--prompts_per_step", "2", "--group_size", "4", "--max_new_tokens", "40", "--gate_warmup_steps", "1",
+        "--report_to", "none", "--micro_batch_size", "4", "--verifier_workers", "1", "--learning_rate", "1e-4"]
+SPEC_KEYS = {"step", "reward/mean", "gate/open", "gate/lambda", "teacher/entropy_median", "time/step_s"}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_script(args: list[str], env: dict | None = None, launcher: list[str] | None = None, timeout: int = 600):
+    cmd = (launcher or [sys.executable]) + [str(REPO / "train_antisd.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.parametrize("method,preset", [("grpo", "paper"), ("sd", "paper"), ("sd_jsd", "paper"),
+                                           ("antisd", "paper"), ("antisd", "release")])
+def test_three_real_steps(tmp_path, method, preset):
+    run_script(FAST + ["--method", method, "--preset", preset, "--max_steps", "3", "--save_steps", "0",
+                       "--output_dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(SPEC_KEYS <= r.keys() for r in rows)
+    assert rows[0]["gate/lambda"] == 0.0  # warm-up step: pure GRPO
+    if method == "grpo":
+        assert all(r["u/mean"] is None and r["teacher/entropy_median"] is None for r in rows)
+    else:
+        assert all(r["teacher/entropy_median"] > 0 and r["u/mean"] is not None for r in rows)
+    if preset == "paper" and method != "grpo":
+        assert all(r["gate/lambda"] in (0.0, 0.5) for r in rows)
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path)  # final model + tokenizer in output_dir
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "metrics.png").is_file()
+    initial = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-qwen3")
+    moved = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
+    assert moved == any(r["grad_norm"] for r in rows)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    args = FAST + ["--method", "antisd", "--max_steps", "4", "--save_steps", "2"]
+    main(parse_config(args + ["--output_dir", str(tmp_path / "straight")]))
+
+    from verifiers.math import MathVerifier
+
+    calls, score = [], MathVerifier.score
+
+    def dies_on_third_step(self, completions, golds):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return score(self, completions, golds)
+
+    monkeypatch.setattr(MathVerifier, "score", dies_on_third_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(parse_config(args + ["--output_dir", str(tmp_path / "broken")]))
+    assert latest_checkpoint(tmp_path / "broken").name == "checkpoint-2"
+    monkeypatch.setattr(MathVerifier, "score", score)
+    main(parse_config(["--resume", "--output_dir", str(tmp_path / "broken")]))  # config comes from the run
+
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "broken")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in ("reward/mean", "gate/lambda", "teacher/entropy_median", "u/mean", "loss", "length/mean"):
+            assert a[key] == b[key], (a["step"], key)
+    weights_a = load_file(tmp_path / "straight" / "model.safetensors")
+    weights_b = load_file(tmp_path / "broken" / "model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    gate = json.loads((tmp_path / "broken" / "checkpoint-4" / "trainer_state.json").read_text())["controller"]
+    assert gate["step"] == 4 and gate["h_warm"] is not None
+
+
+def test_partial_checkpoint_is_never_picked(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4.partial").mkdir()  # a save that was killed half-way
+    (tmp_path / "checkpoint-6").mkdir()          # no trainer_state.json: not complete
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+
+
+def test_config_file_cli_overrides_and_validation(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("max_steps: 9\nmethod: sd\ngroup_size: 4\n")
+    cfg = parse_config(["--config", str(recipe), "--max-steps", "7"])
+    assert (cfg.max_steps, cfg.method, cfg.group_size) == (7, "sd", 4)
+    assert parse_config(["--preset", "release"]).gate_reopen_ratio == 1.07
+    recipe.write_text("max_stepz: 9\n")
+    with pytest.raises(SystemExit, match="unknown config keys"):
+        parse_config(["--config", str(recipe)])
+    with pytest.raises(SystemExit, match="divisible"):
+        Config(prompts_per_step=3).validate(num_processes=2)
+    with pytest.raises(SystemExit, match="group_size"):
+        Config(group_size=1).validate(num_processes=1)
+
+
+def test_init_from_starts_a_new_run_with_a_fresh_gate(tmp_path):
+    run_script(FAST + ["--method", "grpo", "--max_steps", "1", "--output_dir", str(tmp_path / "grpo")])
+    run_script(FAST + ["--method", "antisd", "--max_steps", "2", "--init_from", str(tmp_path / "grpo"),
+                       "--output_dir", str(tmp_path / "continual")])
+    rows = read_metrics(tmp_path / "continual")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["gate/lambda"] == 0.0  # warm-up re-run
+
+
+CPU_FSDP2 = {"ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+             "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "PYTHONPATH": str(REPO)}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_gradient_matches_one_process():
+    proc = subprocess.run(TORCHRUN + [str(REPO / "tests" / "dist_grad_check.py"), "token-mean", "seq-mean-token-mean"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **CPU_FSDP2})
+    assert proc.returncode == 0 and "GRAD-CHECK OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_train_save_resume(tmp_path):
+    """prepare -> generate on the sharded model -> update -> sharded checkpoint -> resume -> full save."""
+    args = FAST + ["--prompts_per_step", "4", "--method", "antisd", "--output_dir", str(tmp_path)]
+    run_script(args + ["--max_steps", "2"], env=CPU_FSDP2, launcher=TORCHRUN)
+    assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # really sharded
+    run_script(args + ["--max_steps", "3", "--resume"], env=CPU_FSDP2, launcher=TORCHRUN)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-qwen3").parameters())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    run_script(FAST + ["--prompts_per_step", "4", "--max_steps", "2", "--output_dir", str(tmp_path)],
+               env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}, launcher=TORCHRUN)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    cfg = parse_config(["--config", str(recipe)])
+    cfg.validate(num_processes=1)
+    assert cfg.method in train_antisd.METHODS
