@@ -412,16 +412,14 @@ class ScoringHead(torch.nn.Linear):
         out = []
         for start in range(0, len(rows), req["chunk_rows"]):
             h, t = rows[start:start + req["chunk_rows"]], req["targets"][start:start + req["chunk_rows"]]
-            if torch.is_grad_enabled():
-                logp = checkpoint(self._chunk_logprobs, h, t, use_reentrant=False)
-            else:
-                logp = self._chunk_logprobs(h, t)
-            if req["with_entropy"]:
-                with torch.no_grad():
-                    logits = super().forward(h).float()
-                    entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-            else:
-                entropy = torch.zeros_like(logp)
+            if torch.is_grad_enabled():  # the student: log-probs only, logits rebuilt in backward
+                out.append(torch.stack([checkpoint(self._chunk_logprobs, h, t, use_reentrant=False),
+                                        torch.zeros(len(h), device=h.device)], dim=-1))
+                continue
+            logits = super().forward(h).float()
+            log_z = torch.logsumexp(logits, dim=-1)
+            logp = logits.gather(1, t[:, None])[:, 0] - log_z
+            entropy = log_z - (torch.softmax(logits, -1) * logits).sum(-1) if req["with_entropy"] else torch.zeros_like(logp)
             out.append(torch.stack([logp, entropy], dim=-1))
         return torch.cat(out) if out else rows.new_zeros((0, 2), dtype=torch.float32)
 
@@ -644,6 +642,7 @@ def main(cfg: Config) -> None:
     device = accelerator.device
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     uses_teacher = cfg.method != "grpo"
+    gated = uses_teacher and (cfg.preset == "release" or cfg.gate == "entropy")
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=not accelerator.is_main_process, desc="train")
 
@@ -771,7 +770,7 @@ def main(cfg: Config) -> None:
             "reward/mean": all_rewards.mean().item(),
             "reward/std": all_rewards.std().item(),
             "reward/zero_std_groups": (group_std < 1e-8).float().mean().item(),
-            "gate/open": bool(controller.open) if uses_teacher and cfg.gate == "entropy" or cfg.preset == "release" else None,
+            "gate/open": bool(controller.open) if gated else None,
             "gate/lambda": all_lambda.mean().item(),
             "teacher/entropy_median": entropy_median,
             "u/mean": u_all.mean().item() if u_all.numel() else None,
