@@ -95,6 +95,7 @@ class Config:
     loss_aggregation: str = field(default="token-mean", metadata={"help": "token-mean (DAPO) or seq-mean-token-mean."})
     ppo_epochs: int = field(default=1, metadata={"help": "Optimizer updates per rollout batch (1 = on-policy)."})
     micro_batch_size: int = field(default=16, metadata={"help": "Sequences per forward/backward."})
+    score_batch_size: int = field(default=64, metadata={"help": "Sequences per no-grad teacher forward."})
     max_grad_norm: float = 1.0
     # --- systems
     bf16: bool = False
@@ -120,7 +121,7 @@ class Config:
             problems.append("--loss_aggregation must be 'token-mean' or 'seq-mean-token-mean'")
         if self.resume and self.init_from:
             problems.append("--resume continues a run, --init_from starts a new one: pass only one")
-        for name in ("max_steps", "micro_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps"):
+        for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be >= 1")
         if problems:
@@ -681,14 +682,13 @@ def main(cfg: Config) -> None:
             teacher_prompts = [teacher_prompt_ids(tokenizer, cfg, prompts[batch_rows[i // cfg.group_size]], shown[i], rewards[i] > 0.5)
                                for i in range(n_seq)]
             with torch.no_grad():
-                for s in range(0, n_seq, cfg.micro_batch_size):
-                    idx = range(s, min(s + cfg.micro_batch_size, n_seq))
+                for s in range(0, n_seq, cfg.score_batch_size):
+                    idx = range(s, min(s + cfg.score_batch_size, n_seq))
                     packed = pack_sequences([teacher_prompts[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id, device)
                     logp, ent = token_logprobs(model, *packed, cfg.logit_chunk_rows, with_entropy=True)
-                    mask = packed[4]
                     for j, i in enumerate(idx):
-                        teacher_logp[i] = logp[j]
-                    entropies.append(ent[mask.bool()])
+                        teacher_logp[i] = logp[j, : len(rollout.completion_ids[i])]
+                    entropies.append(ent[packed[4].bool()])
         timings["teacher"] = time.perf_counter() - t0
 
         # ---- gate: lambda for this step (the step's median teacher entropy decides it)
@@ -724,7 +724,7 @@ def main(cfg: Config) -> None:
                         old_logp[k] = logp.detach()
                     signal = torch.zeros_like(logp)
                     if uses_teacher:
-                        t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)[:, : logp.shape[1]]
+                        t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
                         u = (t_logp - old_logp[k]) * mask
                         signal = controller.process(u, mask, cfg.method) if cfg.preset == "release" else token_signal(u, cfg.method) * mask
                         if epoch == 0:

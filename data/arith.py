@@ -1,0 +1,194 @@
+"""Arithmetic word problems: the embedded default task, seeded and verifiable.
+
+Each problem is a short story (shopping, boxes, sharing, trains, ...) that starts from a number and
+applies `num_steps` operations to it: add, subtract, multiply by a small factor, or divide exactly
+(the divisor always divides the running value). Answers are non-negative integers. `digits` bounds
+the size of the start value and the added/subtracted amounts; factors and divisors are 2..5, and a
+product or quotient always pairs a `digits`-digit number with the factor (a times-table fact);
+running values stay below 10**(digits+1).
+
+The reference solution works step by step like a reasoning model: one equation per step, with
+seeded deliberation ("Let me verify: ...", "Wait, let me check: ...", "Let me recompute: ...") and,
+in a quarter of the solutions, a slip in one step that is caught and fixed ("Wait, that's not
+right. 37 + 48 = 85, not 75."). Every solution ends with `So the answer is \\boxed{N}.` and N is
+always the correct answer. `make_solution` renders another sample of the same problem's solution
+(used for the teacher's privileged context in SFT).
+
+`make_problem` also returns `steps`: the operations as `[["start", a], [op, x], ...]` with op in
+`+ - * /`, applied left to right to the running value. It lets tests recompute the answer on an
+independent path; `generate_split` leaves it out of the rows unless `include_steps=True`.
+
+Train and eval use different derived seeds and a disjoint partition of the problem space (by a
+stable hash of `steps`), so no eval computation ever appears in train, whatever `n` is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Ivy", "Jack", "Lena", "Omar", "Mia", "Noah"]
+
+# theme: start sentence, per-op sentences, question. {n} = name, {x} = operand.
+THEMES = [
+    {
+        "start": "{n} has {x} dollars.",
+        "+": ["{n} earns {x} more dollars.", "A friend gives {n} {x} dollars."],
+        "-": ["{n} spends {x} dollars on a book.", "{n} pays {x} dollars for lunch."],
+        "*": ["Then the money grows to {x} times as much."],
+        "/": ["{n} splits the money equally into {x} envelopes and keeps one envelope."],
+        "q": "How many dollars does {n} have now?",
+    },
+    {
+        "start": "A shop has {x} boxes of pens.",
+        "+": ["A truck brings {x} more boxes.", "The shop orders {x} new boxes."],
+        "-": ["Customers buy {x} boxes.", "The shop sends {x} boxes back."],
+        "*": ["Next month the shop has {x} times as many boxes."],
+        "/": ["The boxes are split equally among {x} shelves, and we look at one shelf."],
+        "q": "How many boxes are there at the end?",
+    },
+    {
+        "start": "{n} bakes {x} cookies.",
+        "+": ["{n} bakes {x} more cookies.", "A neighbor brings {x} cookies."],
+        "-": ["{n} eats {x} cookies.", "{n} gives {x} cookies away."],
+        "*": ["Then {n} makes {x} times as many cookies."],
+        "/": ["{n} shares the cookies equally among {x} friends and keeps one share."],
+        "q": "How many cookies does {n} have at the end?",
+    },
+    {
+        "start": "A train has {x} passengers.",
+        "+": ["At the next stop {x} people get on.", "{x} more passengers board the train."],
+        "-": ["At the next stop {x} people get off.", "{x} passengers leave the train."],
+        "*": ["At the big station the number of passengers becomes {x} times as large."],
+        "/": ["The passengers split equally into {x} cars, and we count one car."],
+        "q": "How many passengers are there at the end?",
+    },
+    {
+        "start": "{n} collects {x} stamps.",
+        "+": ["{n} buys {x} more stamps.", "{n} finds {x} stamps in a drawer."],
+        "-": ["{n} trades away {x} stamps.", "{n} loses {x} stamps."],
+        "*": ["Later the collection grows to {x} times its size."],
+        "/": ["{n} divides the stamps equally into {x} albums and keeps one album."],
+        "q": "How many stamps does {n} have now?",
+    },
+]
+
+SYMBOL = {"+": "+", "-": "-", "*": "×", "/": "÷"}
+INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
+
+
+def apply(op: str, value: int, x: int) -> int:
+    if op == "+":
+        return value + x
+    if op == "-":
+        return value - x
+    if op == "*":
+        return value * x
+    if value % x:
+        raise ValueError(f"{value} is not divisible by {x}")
+    return value // x
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(max(2, 10 ** (digits - 1)), 10**digits - 1)
+
+
+def _next_step(rng: random.Random, value: int, digits: int) -> tuple[str, int]:
+    max_value = 10 ** (digits + 1) - 1  # running values stay at most one digit longer than the inputs
+    while True:
+        op = rng.choice("+-*/")
+        if op == "+":
+            x = _number(rng, digits)
+        elif op == "-":
+            x = _number(rng, digits)
+            if x >= value:  # keep running values positive
+                continue
+        elif op == "*":  # products and quotients stay within a times table: a `digits`-digit number x 2..5
+            x = rng.randint(2, 5)
+            if value >= 10**digits:
+                continue
+        else:
+            divisors = [d for d in range(2, 6) if value % d == 0 and d < value < d * 10**digits]
+            if not divisors:
+                continue
+            x = rng.choice(divisors)
+        if apply(op, value, x) <= max_value:
+            return op, x
+
+
+def _equation(a: int, op: str, x: int, result: int) -> str:
+    return f"{a} {SYMBOL[op]} {x} = {result}"
+
+
+def _slip(rng: random.Random, result: int) -> int:
+    wrong = result + rng.choice([-10, -1, 1, 10] if result >= 10 else [-1, 1, 2])
+    return wrong if wrong >= 0 and wrong != result else result + 1
+
+
+def make_solution(steps: list, rng: random.Random, slip_prob: float = 0.25, check_prob: float = 0.3) -> str:
+    """A step-by-step solution of `steps` with seeded deliberation and maybe one fixed slip."""
+    value = steps[0][1]
+    lines = [rng.choice([f"Start with {value}.", f"We begin with {value}.", f"At first there are {value}."])]
+    slip_at = rng.randrange(1, len(steps)) if rng.random() < slip_prob else None
+    for i, (op, x) in enumerate(steps[1:], start=1):
+        result = apply(op, value, x)
+        eq = _equation(value, op, x, result)
+        if i == slip_at:
+            wrong = _slip(rng, result)
+            lines.append(f"{_equation(value, op, x, wrong)}. Wait, that's not right. {eq}, not {wrong}.")
+        else:
+            lines.append(eq + ".")
+            if rng.random() < check_prob:
+                check = _equation(result, INVERSE[op], x, value)
+                lines.append(rng.choice([f"Let me verify: {check}.", f"Wait, let me check: {check}. Yes.",
+                                         f"Let me recompute: {eq}."]))
+        value = result
+    lines.append(f"So the answer is \\boxed{{{value}}}.")
+    return "\n".join(lines)
+
+
+def make_problem(rng: random.Random, num_steps: int, digits: int) -> dict:
+    """One problem: {"problem", "answer", "solution", "steps"} (see the module docstring)."""
+    theme, name = rng.choice(THEMES), rng.choice(NAMES)
+    value = _number(rng, digits)
+    steps = [["start", value]]
+    sentences = [theme["start"].format(n=name, x=value)]
+    for _ in range(num_steps):
+        op, x = _next_step(rng, value, digits)
+        steps.append([op, x])
+        sentences.append(rng.choice(theme[op]).format(n=name, x=x))
+        value = apply(op, value, x)
+    sentences.append(theme["q"].format(n=name))
+    return {"problem": " ".join(sentences), "answer": str(value), "solution": make_solution(steps, rng), "steps": steps}
+
+
+def _is_eval(steps: list) -> bool:
+    """Stable partition of the problem space: about 1 chain in 8 belongs to eval."""
+    return hashlib.sha256(json.dumps(steps).encode()).digest()[0] % 8 == 0
+
+
+def generate_split(split: str, n: int, *, num_steps: tuple[int, int] = (1, 3), digits: int = 1, seed: int = 0,
+                   include_steps: bool = False) -> list[dict]:
+    """`n` rows {"id": f"arith-{split}-{i}", "problem", "answer", "solution"} (+ "steps" if asked).
+
+    Deterministic in (split, n, num_steps, digits, seed). Eval rows are distinct computations.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    rng = random.Random(f"arith-{split}-{seed}")
+    rows, seen, attempts = [], set(), 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 1000 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct {split} problems with num_steps={num_steps}, digits={digits}")
+        problem = make_problem(rng, rng.randint(*num_steps), digits)
+        key = json.dumps(problem["steps"])
+        if _is_eval(problem["steps"]) != (split == "eval") or (split == "eval" and key in seen):
+            continue
+        seen.add(key)
+        row = {"id": f"arith-{split}-{len(rows)}", **problem}
+        if not include_steps:
+            del row["steps"]
+        rows.append(row)
+    return rows

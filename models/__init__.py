@@ -1,0 +1,1 @@
+"""The embedded default model (see build_tiny_model.py)."""

@@ -1,0 +1,229 @@
+"""Build the embedded default model: a tiny Qwen3 warm-started on the arithmetic task.
+
+1. Train a byte-level BPE tokenizer (digits split one per token, so any text round-trips) on task
+   text, with the Qwen chat tokens and a Qwen-style chat template.
+2. Build a small `Qwen3ForCausalLM` from transformers' own config.
+3. Supervised fine-tuning on the train split of `data.arith`, loss on the assistant tokens only
+   (incl. the final `<|im_end|>`), in two formats so that the RL self-teacher is in distribution:
+   student (problem -> solution) and teacher (`teacher_user_message(problem, shown solution or
+   None, random feedback)` -> a fresh solution).
+4. Measure accuracy on the eval split (sampled at T=1.0 and greedy) with the project's verifier and
+   save model + tokenizer + `build_info.json`.
+
+    python -m models.build_tiny_model [--output_dir models/tiny-qwen3] [--sft_steps N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny-qwen3"
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+PRETOKENIZE_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output_dir", default=str(DEFAULT_TINY_MODEL_DIR), help="where model, tokenizer and build_info.json go")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (data, init, SFT, eval sampling)")
+    p.add_argument("--sft_steps", type=int, default=1000, help="SFT optimizer steps")
+    p.add_argument("--batch_size", type=int, default=16, help="SFT sequences per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up then cosine)")
+    p.add_argument("--teacher_frac", type=float, default=0.4, help="fraction of SFT examples in the teacher format")
+    p.add_argument("--train_n", type=int, default=4000, help="train problems (tokenizer text and SFT pool)")
+    p.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary size incl. special tokens")
+    p.add_argument("--hidden_size", type=int, default=160, help="model width")
+    p.add_argument("--intermediate_size", type=int, default=640, help="MLP width")
+    p.add_argument("--num_layers", type=int, default=4, help="transformer layers")
+    p.add_argument("--num_heads", type=int, default=4, help="attention heads (head_dim = hidden_size / heads)")
+    p.add_argument("--num_kv_heads", type=int, default=2, help="key/value heads (GQA)")
+    p.add_argument("--eval_n", type=int, default=200, help="eval problems for the accuracy check")
+    p.add_argument("--max_new_tokens", type=int, default=192, help="generation budget at evaluation")
+    p.add_argument("--num_threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads (1 is much faster than 2 on a busy 2-core machine)")
+    return p.parse_args(argv)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # GPT-2 split with one digit per piece, then bytes
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
+                                   additional_special_tokens=[IM_START], chat_template=CHAT_TEMPLATE)
+
+
+def build_model(tokenizer, args):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+        head_dim=args.hidden_size // args.num_heads, max_position_embeddings=1024, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def sft_texts(rows: list[dict], n: int, teacher_frac: float, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` (user message, assistant response) pairs in the student and teacher formats."""
+    from data.arith import make_solution
+    from train_antisd import FEEDBACK_CORRECT, FEEDBACK_INCORRECT, teacher_user_message
+
+    pairs = []
+    for _ in range(n):
+        row = rng.choice(rows)
+        user = row["problem"]
+        if rng.random() < teacher_frac:
+            shown = make_solution(row["steps"], rng) if rng.random() < 0.85 else None
+            if shown is not None:  # the trainer cuts a shown solution right after its last \boxed{}
+                shown = shown[: shown.rindex("}") + 1]
+            user = teacher_user_message(user, shown, rng.choice([FEEDBACK_CORRECT, FEEDBACK_INCORRECT]))
+        pairs.append((user, make_solution(row["steps"], rng)))
+    return pairs
+
+
+def encode(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    from generation import chat_messages, chat_prompt_ids
+
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    return [(chat_prompt_ids(tokenizer, chat_messages(u)), r + [tokenizer.eos_token_id]) for (u, _), r in zip(pairs, responses)]
+
+
+def batches(examples: list, batch_size: int, rng: random.Random) -> list[list]:
+    """Batches of similar length (sorted within windows of 16 batches), in random order."""
+    out = []
+    for start in range(0, len(examples), 16 * batch_size):
+        window = sorted(examples[start:start + 16 * batch_size], key=lambda e: len(e[0]) + len(e[1]))
+        out += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def sft(model, examples, args, pad_id: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, args.sft_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / args.sft_steps))))
+    model.train()
+    bar = tqdm(batches(examples, args.batch_size, random.Random(args.seed)), desc="sft")
+    for batch in bar:
+        width = max(len(p) + len(r) for p, r in batch)
+        ids = torch.full((len(batch), width), pad_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, r) in enumerate(batch):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+            mask[i, :len(p) + len(r)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
+def evaluate(model, tokenizer, rows: list[dict], temperature: float, max_new_tokens: int, seed: int):
+    """(accuracy under the project's math reward, the samples) on `rows`."""
+    from generation import chat_messages, chat_prompt_ids, sample
+    from verifiers.math import MathVerifier
+
+    torch.manual_seed(seed)
+    prompts = [chat_prompt_ids(tokenizer, chat_messages(r["problem"])) for r in rows]
+    samples = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, progress=True)
+    with MathVerifier(num_workers=2, timeout_s=5.0) as verifier:
+        scores = verifier.score(samples.texts, [r["answer"] for r in rows])
+    return sum(scores) / len(scores), samples
+
+
+def build(args) -> dict:
+    from data.arith import generate_split
+
+    start, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(args.num_threads)
+    try:
+        torch.manual_seed(args.seed)
+        rng = random.Random(args.seed)
+        train = generate_split("train", args.train_n, seed=args.seed, include_steps=True)
+        evals = generate_split("eval", args.eval_n, seed=args.seed)
+        print(f"training tokenizer (vocab {args.vocab_size}) on {len(train)} problems")
+        tokenizer = train_tokenizer((t for pair in sft_texts(train, 2 * len(train), 0.5, random.Random(args.seed)) for t in pair), args.vocab_size)
+        model = build_model(tokenizer, args)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"model: Qwen3 {args.num_layers}x{args.hidden_size}, {params:,} parameters")
+        examples = encode(tokenizer, sft_texts(train, args.sft_steps * args.batch_size, args.teacher_frac, rng))
+        loss = sft(model, examples, args, tokenizer.pad_token_id)
+        acc_t1, samples = evaluate(model, tokenizer, evals, 1.0, args.max_new_tokens, args.seed)
+        acc_greedy, _ = evaluate(model, tokenizer, evals, 0.0, args.max_new_tokens, args.seed)
+    finally:
+        torch.set_num_threads(threads)
+
+    out = Path(args.output_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    solution_tokens = [len(ids) + 1 for ids in tokenizer([r["solution"] for r in evals], add_special_tokens=False)["input_ids"]]
+    info = {
+        "parameters": params,
+        "model_safetensors_bytes": (out / "model.safetensors").stat().st_size,
+        "eval_n": len(evals),
+        "eval_accuracy_t1": acc_t1,
+        "eval_accuracy_greedy": acc_greedy,
+        "mean_completion_tokens_t1": sum(map(len, samples.completion_ids)) / len(evals),
+        "truncated_t1": sum(samples.truncated),
+        "mean_reference_solution_tokens": sum(solution_tokens) / len(solution_tokens),
+        "final_sft_loss": loss,
+        "build_seconds": round(time.time() - start, 1),
+        "task": {"num_steps": generate_split.__kwdefaults__["num_steps"], "digits": generate_split.__kwdefaults__["digits"]},
+        "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
+        "example_eval_completion": samples.texts[0],
+    }
+    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"parameters: {params:,}  model.safetensors: {info['model_safetensors_bytes'] / 2**20:.2f} MiB")
+    print(f"eval accuracy on {len(evals)} problems: T=1.0 {acc_t1:.3f}  greedy {acc_greedy:.3f}  ({info['build_seconds']} s)")
+    return info
+
+
+def ensure_tiny_model(path: str | Path = DEFAULT_TINY_MODEL_DIR) -> Path:
+    """Return `path` if it holds the tiny model and its tokenizer, else build it there first."""
+    path = Path(path)
+    if not all((path / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        print(f"building the embedded tiny model into {path} (a few minutes on CPU)")
+        build(parse_args(["--output_dir", str(path)]))
+    return path
+
+
+def main(argv=None) -> None:
+    build(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
