@@ -50,8 +50,8 @@ class Config:
     # --- run
     output_dir: str = field(default="runs/antisd-arith", metadata={"help": "Checkpoints, metrics.jsonl, final model."})
     seed: int = 0
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps (one rollout batch each)."})
-    save_steps: int = field(default=20, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    max_steps: int = field(default=150, metadata={"help": "Optimizer steps (one rollout batch each)."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
     resume: bool = field(default=False, metadata={"help": "Continue the run in --output_dir from its last checkpoint."})
     init_from: str | None = field(default=None, metadata={"help": "Start a new run from this model/checkpoint dir (gate re-warmed)."})
@@ -67,7 +67,7 @@ class Config:
     # --- rollout
     prompts_per_step: int = field(default=8, metadata={"help": "Prompts per optimizer step, over all processes."})
     group_size: int = field(default=8, metadata={"help": "Rollouts per prompt (G)."})
-    max_new_tokens: int = 160
+    max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate() call."})
@@ -86,7 +86,7 @@ class Config:
     solution_max_tokens: int = field(default=1024, metadata={"help": "Shown solution budget: 25% head + 75% tail beyond it."})
     release_max_response_tokens: int = field(default=8192, metadata={"help": "release preset: no signal on longer responses."})
     # --- optimization
-    learning_rate: float = 2e-5
+    learning_rate: float = 3e-4
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0

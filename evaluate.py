@@ -1,0 +1,523 @@
+"""Evaluate a model on a math or code benchmark: avg@n and unbiased pass@k.
+
+    python evaluate.py --bench aime2025 --model Qwen/Qwen3-1.7B --n 16 --max_new_tokens 32768
+    python evaluate.py --bench aime2025 --data_file ../shared/data/aime_2025.jsonl --model tiny --n 2
+    python evaluate.py --bench arith --model tiny --n 4                 # the embedded task
+    python evaluate.py --bench mbppplus --data_file ../shared/data/mbpp_plus/MbppPlus-v0.2.0.jsonl.gz --model ...
+    python evaluate.py --bench aime2025 --data_file ... --samples runs/x/samples.jsonl   # rescore, no model
+
+Reading order: args -> load problems -> generate (resumable) -> score -> write results.
+
+- Prompts: the tokenizer's chat template over (optional system prompt, problem + instruction). Math
+  benches append the boxed instruction (none for the embedded `arith` task, whose model was trained
+  on bare problems); MBPP+ uses evalplus's instruction ("Please provide a self-contained Python
+  script ... in a markdown code block:") around the task's prompt, without evalplus's assistant
+  prefill so that thinking templates work unchanged.
+- Generation is resumable: every finished batch is appended (and flushed) to
+  `<output_dir>/samples.jsonl`; rerunning the same command generates only the samples that are
+  missing (a killed run loses at most the batch in flight). Each batch is seeded from `--seed` and
+  its first sample, so reruns reproduce it.
+- Scoring: math answers by `verifiers.math.MathVerifier` (last `\\boxed{}` vs the gold, math-verify in
+  killable worker processes); MBPP+ by `verifiers.code.check_mbpp_sample` (evalplus sanitize, base and
+  plus tests in a sandbox; a sample counts only if both pass). Garbage scores 0.
+- `results.json`: `{"bench", "n", "num_problems", "avg", "pass_at_k": {"1": ..}, "problems": [{"id",
+  "n", "correct", ...}], ...}`. `avg` = mean over problems of correct/n; pass@k is the unbiased
+  estimator 1 - C(n-c, k)/C(n, k) averaged over the problems with n >= k (when problems have
+  different n, `pass_at_k_num_problems` says how many entered each k; a k above every n is left out).
+  `n` is the largest per-problem n (`n_min` the smallest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark, user_prompt
+
+CODE_BENCH = "mbppplus"
+BENCH_CHOICES = sorted([*BENCHMARKS, CODE_BENCH])
+EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
+                        "in a markdown code block:")
+TINY_DEFAULT_MAX_NEW_TOKENS = 256  # the embedded model writes ~53 tokens (models/tiny-qwen3/build_info.json)
+DEFAULT_MAX_NEW_TOKENS = 4096
+# Settings that shape the samples: resuming into an output_dir made with other values is refused.
+SAMPLE_SHAPING = ("bench", "model", "data_file", "temperature", "top_p", "max_new_tokens",
+                  "system_prompt", "instruction", "enable_thinking")
+
+
+class EvalError(Exception):
+    """A problem with the user's input (samples file, output dir); reported without a traceback."""
+
+
+# =====================================================================================
+# Pure scoring helpers
+# =====================================================================================
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of a problem with c correct out of n samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i): no huge binomials
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def summarize(bench: str, per_problem: list[dict], ks) -> dict:
+    """results.json content from per-problem `{"id", "n", "correct", ...}` entries (SPEC §2)."""
+    if not per_problem:
+        raise ValueError("no problems to summarize")
+    ns = [p["n"] for p in per_problem]
+    pass_k, pass_k_count = {}, {}
+    for k in sorted(set(ks)):
+        eligible = [p for p in per_problem if p["n"] >= k]
+        if eligible:
+            pass_k[str(k)] = sum(pass_at_k(p["n"], p["correct"], k) for p in eligible) / len(eligible)
+            pass_k_count[str(k)] = len(eligible)
+    return {
+        "bench": bench,
+        "n": max(ns),
+        "n_min": min(ns),
+        "num_problems": len(per_problem),
+        "avg": sum(p["correct"] / p["n"] for p in per_problem) / len(per_problem),
+        "pass_at_k": pass_k,
+        "pass_at_k_num_problems": pass_k_count,
+        "problems": per_problem,
+    }
+
+
+def markdown_table(results: dict) -> str:
+    ks = list(results["pass_at_k"])
+    n = str(results["n"]) if results["n"] == results["n_min"] else f"{results['n_min']}-{results['n']}"
+    head = ["bench", "problems", "n", f"avg@{n}"] + [f"pass@{k}" for k in ks]
+    row = [results["bench"], str(results["num_problems"]), n, f"{results['avg']:.4f}"]
+    row += [f"{results['pass_at_k'][k]:.4f}" for k in ks]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"])
+
+
+# =====================================================================================
+# Arguments
+# =====================================================================================
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bench", required=True, choices=BENCH_CHOICES, help="benchmark ('arith' is the embedded task)")
+    p.add_argument("--model", help="HF model id or local path; 'tiny' = the embedded model (models/tiny-qwen3). "
+                                   "Not needed with --samples")
+    p.add_argument("--data_file", help="local .jsonl/.parquet with {id, problem, answer} instead of the hub; "
+                                       "for mbppplus an evalplus-format MbppPlus .jsonl[.gz]")
+    p.add_argument("--samples", help="score the completions in this samples file (jsonl with id, completion) "
+                                     "instead of generating; scores exactly the problems in it")
+    p.add_argument("--output_dir", help="where samples.jsonl, results.json, settings.json go; default "
+                                        "outputs/eval/<bench>-<model> (with --samples: the samples file's folder)")
+    p.add_argument("--n", type=int, default=4, help="samples per problem")
+    p.add_argument("--k", type=int, nargs="+", help="k values for pass@k (default: 1 and n)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--max_new_tokens", type=int, help=f"generation budget per sample; default "
+                   f"{TINY_DEFAULT_MAX_NEW_TOKENS} for --model tiny, else {DEFAULT_MAX_NEW_TOKENS}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system_prompt", help="system message (default: none)")
+    p.add_argument("--instruction", help="appended to each problem; default: the boxed instruction for math "
+                                         "benches, none for arith, evalplus's instruction for mbppplus ('' = none)")
+    p.add_argument("--enable_thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="passed to chat templates that read it (Qwen3); default: the template's own default")
+    p.add_argument("--batch_size", type=int, help="sequences per generate call (default: 32 transformers, 512 vllm)")
+    p.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="auto",
+                   help="auto: vllm if it is installed and a GPU is present, else transformers")
+    p.add_argument("--limit", type=int, help="only the first N problems of the benchmark (smoke tests)")
+    p.add_argument("--cache_dir", help="evalplus ground-truth cache (default ~/.cache/antisd/evalplus)")
+    p.add_argument("--skip_bad_rows", action="store_true", help="drop (and count) rows with a missing field or "
+                                                                "unparsable gold instead of failing")
+    p.add_argument("--num_threads", type=int, help="torch CPU threads; default 1 for --model tiny (its matrices are "
+                                                   "too small to split, and on a busy machine more threads wait on "
+                                                   "each other), else torch's default")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="verifier processes")
+    args = p.parse_args(argv)
+    if args.samples is None and not args.model:
+        p.error("--model is required unless --samples is given")
+    if args.n < 1 or (args.k and min(args.k) < 1) or (args.limit is not None and args.limit < 1):
+        p.error("--n, --k and --limit must be >= 1")
+    if args.instruction is None:
+        args.instruction = EVALPLUS_INSTRUCTION if args.bench == CODE_BENCH else default_instruction(args.bench)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = TINY_DEFAULT_MAX_NEW_TOKENS if args.model == "tiny" else DEFAULT_MAX_NEW_TOKENS
+    if args.output_dir is None:
+        if args.samples:
+            args.output_dir = str(Path(args.samples).resolve().parent)
+        else:
+            args.output_dir = str(Path("outputs") / "eval" / f"{args.bench}-{args.model.rstrip('/').replace('/', '__')}")
+    return args
+
+
+# =====================================================================================
+# Problems
+# =====================================================================================
+def go_offline_without_hub(timeout_s: float = 3.0) -> None:
+    """No route to the hub: switch HF libraries to offline mode (cached files still load) so that a
+    missing dataset fails at once with its hint instead of after ~25 s of retries. Effective when the
+    HF libraries are not imported yet (the CLI imports them lazily)."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout_s).close()
+    except OSError:
+        print(f"{url.hostname} unreachable: Hugging Face hub offline mode")
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def load_problems(args) -> list[dict]:
+    """Rows {id, problem, answer, ...} of the benchmark (MBPP+ rows carry their evalplus `task`)."""
+    if args.bench != CODE_BENCH:
+        return load_benchmark(args.bench, args.data_file, skip_bad_rows=args.skip_bad_rows)
+    from verifiers.code import load_mbpp_plus
+
+    try:
+        tasks = load_mbpp_plus(args.data_file)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise DataError(f"MBPP+ data: {err}\nWithout network pass --data_file with an evalplus-format "
+                        "MbppPlus .jsonl[.gz], e.g. ../shared/data/mbpp_plus/MbppPlus-v0.2.0.jsonl.gz") from err
+    return [{"id": tid, "problem": task["prompt"], "answer": None, "task": task} for tid, task in tasks.items()]
+
+
+def prompt_text(row: dict, args) -> str:
+    if args.bench == CODE_BENCH:
+        code = f"```\n{row['problem'].strip()}\n```\n"
+        return f"{args.instruction}\n{code}" if args.instruction else code
+    return user_prompt(row["problem"], args.instruction)
+
+
+def read_samples_file(path: Path) -> list[dict]:
+    """Lines of a user-given samples file, validated (id and completion on every line)."""
+    if not path.is_file():
+        raise EvalError(f"--samples {path}: no such file")
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"{path}, line {number}: not JSON ({err})") from None
+        if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("completion", 0), (str, type(None))):
+            raise EvalError(f"{path}, line {number}: needs an 'id' and a string 'completion'")
+        samples.append({**obj, "id": str(obj["id"]), "completion": obj["completion"] or ""})
+    if not samples:
+        raise EvalError(f"{path}: no samples")
+    return samples
+
+
+def read_own_samples(path: Path) -> list[dict]:
+    """samples.jsonl of an earlier (maybe killed) run; a torn last line is dropped from the file."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    samples, bad = [], 0
+    for line in lines:
+        try:
+            obj = json.loads(line)
+            samples.append({**obj, "id": str(obj["id"])})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            bad += 1
+    if bad or (text and not text.endswith("\n")):
+        print(f"{path}: dropping {bad} unreadable line(s) (interrupted write)")
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(s) + "\n" for s in samples))
+        os.replace(tmp, path)
+    return samples
+
+
+def group_samples(samples: list[dict], problems: dict, limit_per_id: int | None = None) -> dict[str, list[dict]]:
+    """id -> samples (by sample_index when present, else file order), in benchmark order."""
+    by_id = defaultdict(list)
+    for s in samples:
+        by_id[s["id"]].append(s)
+    ordered = {}
+    for pid in problems:
+        if pid in by_id:
+            group = sorted(by_id[pid], key=lambda s: s.get("sample_index", 0))
+            ordered[pid] = group[:limit_per_id] if limit_per_id else group
+    return ordered
+
+
+# =====================================================================================
+# Generation
+# =====================================================================================
+def resolve_model(name: str) -> str:
+    if name == "tiny":
+        from models.build_tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    return name
+
+
+def pick_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    import torch
+
+    return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
+
+
+def transformers_generator(model_path: str, tokenizer, args):
+    """generate(prompt_ids, seed) -> [(text, truncated, num_tokens)] with transformers `generate`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from generation import sample
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = args.num_threads or (1 if args.model == "tiny" else None)
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+
+    def generate(prompt_ids: list[list[int]], seed: int):
+        torch.manual_seed(seed)
+        out = sample(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_p=args.top_p, batch_size=len(prompt_ids))
+        return [(t, tr, len(c)) for t, tr, c in zip(out.texts, out.truncated, out.completion_ids)]
+
+    return generate
+
+
+def vllm_generator(model_path: str, tokenizer, args):
+    """The same callable on vLLM (GPU only). Kept to this one function."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, tokenizer=model_path, seed=args.seed, tensor_parallel_size=torch.cuda.device_count())
+
+    def generate(prompt_ids: list[list[int]], seed: int):
+        params = [SamplingParams(temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
+                                 max_tokens=args.max_new_tokens, seed=seed + i) for i in range(len(prompt_ids))]
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason == "length", len(o.outputs[0].token_ids)) for o in outs]
+
+    return generate
+
+
+def encode_prompt(tokenizer, row: dict, args) -> list[int]:
+    from generation import chat_messages, chat_prompt_ids
+
+    messages = chat_messages(prompt_text(row, args), args.system_prompt)
+    if getattr(tokenizer, "chat_template", None) is None:  # base model: plain text
+        text = "\n\n".join(m["content"] for m in messages) + "\n"
+        return tokenizer(text)["input_ids"]
+    return chat_prompt_ids(tokenizer, messages, args.enable_thinking)
+
+
+def batch_seed(seed: int, pid: str, sample_index: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{pid}:{sample_index}".encode()).hexdigest()[:8], 16)
+
+
+def generate_missing(problems: dict, args, samples_path: Path) -> int:
+    """Append the samples still missing for each problem to samples_path; returns how many were made."""
+    done = defaultdict(int)
+    for s in read_own_samples(samples_path):
+        done[s["id"]] += 1
+    jobs = [(pid, i) for pid in problems for i in range(done[pid], args.n)]
+    have = sum(min(done[pid], args.n) for pid in problems)
+    print(f"{have} samples already in {samples_path}, {len(jobs)} to generate")
+    if not jobs:
+        return 0
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = {pid: encode_prompt(tokenizer, problems[pid], args) for pid in dict.fromkeys(pid for pid, _ in jobs)}
+    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    too_long = [pid for pid, ids in prompts.items() if context and len(ids) + args.max_new_tokens > context]
+    if too_long:
+        print(f"warning: {len(too_long)} of {len(prompts)} prompts + --max_new_tokens exceed the model's "
+              f"max_position_embeddings ({context}), e.g. {too_long[0]} ({len(prompts[too_long[0]])} prompt tokens)")
+    jobs.sort(key=lambda job: -len(prompts[job[0]]))  # similar lengths share a batch: less padding
+    batch_size = args.batch_size or (512 if args.backend == "vllm" else 32)
+    make = vllm_generator if args.backend == "vllm" else transformers_generator
+    generate = make(model_path, tokenizer, args)
+    with open(samples_path, "a") as f, tqdm(total=len(jobs), desc=f"generate {args.bench}", unit="sample") as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            outputs = generate([prompts[pid] for pid, _ in batch], batch_seed(args.seed, *batch[0]))
+            for (pid, index), (text, truncated, num_tokens) in zip(batch, outputs):
+                f.write(json.dumps({"id": pid, "sample_index": index, "completion": text,
+                                    "truncated": truncated, "num_tokens": num_tokens}) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    return len(jobs)
+
+
+# =====================================================================================
+# Scoring
+# =====================================================================================
+def score_math(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
+    from verifiers.math import MathVerifier
+
+    flat = [(pid, s["completion"]) for pid, group in grouped.items() for s in group]
+    with MathVerifier(num_workers=max(1, args.num_workers), timeout_s=5.0) as verifier:
+        scores = verifier.score([c for _, c in flat], [problems[pid]["answer"] for pid, _ in flat])
+    out = defaultdict(list)
+    for (pid, _), score in zip(flat, scores):
+        out[pid].append(score)
+    return out
+
+
+def score_mbpp(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from verifiers.code import check_mbpp_sample, mbpp_groundtruth
+
+    tasks = {pid: problems[pid]["task"] for pid in grouped}
+    expected = mbpp_groundtruth(tasks, args.cache_dir, progress=True)
+    flat = [(pid, s["completion"]) for pid, group in grouped.items() for s in group]
+
+    def check(item):
+        pid, completion = item
+        return float(check_mbpp_sample(tasks[pid], completion, expected[pid])["passed"])
+
+    with ThreadPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
+        scores = list(tqdm(pool.map(check, flat), total=len(flat), desc="check mbpp+", leave=False))
+    out = defaultdict(list)
+    for (pid, _), score in zip(flat, scores):
+        out[pid].append(score)
+    return out
+
+
+def per_problem_results(grouped: dict, scores: dict) -> list[dict]:
+    rows = []
+    for pid, group in grouped.items():
+        entry = {"id": pid, "n": len(group), "correct": int(sum(scores[pid])), "scores": scores[pid]}
+        if all("truncated" in s for s in group):
+            entry["truncated"] = sum(bool(s["truncated"]) for s in group)
+        rows.append(entry)
+    return rows
+
+
+# =====================================================================================
+# Main
+# =====================================================================================
+def settings_of(args, num_problems: int) -> dict:
+    import torch
+    import transformers
+
+    return {**vars(args), "mode": "score_samples" if args.samples else "generate", "num_problems": num_problems,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def write_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / "settings.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    if settings["mode"] == "generate" and old and old.get("mode") == "generate" and (out_dir / "samples.jsonl").exists():
+        changed = [k for k in SAMPLE_SHAPING if old.get(k) != settings.get(k)]
+        if changed:
+            raise EvalError(f"{out_dir} holds samples made with other settings ({', '.join(changed)}: "
+                            f"{[old.get(k) for k in changed]} -> {[settings.get(k) for k in changed]}); "
+                            "pass another --output_dir or delete its samples.jsonl")
+    if settings["mode"] == "score_samples" and old and old.get("mode") == "generate":
+        settings = {**old, "rescored": settings}  # keep the generating run's settings
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def run(args) -> dict:
+    t0 = time.time()
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1) problems
+    hub_model = not args.samples and args.model != "tiny" and not Path(args.model).exists()
+    if hub_model or (args.data_file is None and args.bench not in (EMBEDDED_TASK, CODE_BENCH)):
+        go_offline_without_hub()
+    problems = {row["id"]: row for row in load_problems(args)}
+    if args.samples:
+        samples = read_samples_file(Path(args.samples))
+        unknown = list(dict.fromkeys(s["id"] for s in samples if s["id"] not in problems))
+        if unknown:
+            raise EvalError(f"{args.samples}: {len(unknown)} id(s) not in {args.bench}"
+                            f"{' (' + args.data_file + ')' if args.data_file else ''}: {', '.join(unknown[:5])}"
+                            f"{', ...' if len(unknown) > 5 else ''}")
+        present = {s["id"] for s in samples}
+        problems = {pid: row for pid, row in problems.items() if pid in present}
+    if args.limit:
+        problems = dict(list(problems.items())[:args.limit])
+    if not args.samples:
+        args.backend = pick_backend(args.backend)
+    write_settings(out_dir, settings_of(args, len(problems)))
+    t_load = time.time() - t0
+
+    # 2) generate (resumable) or read the given samples
+    generated = 0
+    if args.samples:
+        grouped = group_samples(samples, problems)
+    else:
+        samples_path = out_dir / "samples.jsonl"
+        generated = generate_missing(problems, args, samples_path)
+        grouped = group_samples(read_own_samples(samples_path), problems, limit_per_id=args.n)
+    t_gen = time.time() - t0 - t_load
+
+    # 3) score
+    scorer = score_mbpp if args.bench == CODE_BENCH else score_math
+    per_problem = per_problem_results(grouped, scorer(problems, grouped, args))
+    t_score = time.time() - t0 - t_load - t_gen
+
+    # 4) results
+    ks = args.k or [1, max(p["n"] for p in per_problem)]
+    results = summarize(args.bench, per_problem, ks)
+    skipped_k = sorted({k for k in ks if str(k) not in results["pass_at_k"]})
+    partial_k = [k for k, c in results["pass_at_k_num_problems"].items() if c < results["num_problems"]]
+    num_tokens = [s["num_tokens"] for g in grouped.values() for s in g if "num_tokens" in s]
+    truncated = [bool(s["truncated"]) for g in grouped.values() for s in g if "truncated" in s]
+    results.update({
+        "model": args.model, "samples_file": args.samples, "generated": generated,
+        "mean_completion_tokens": sum(num_tokens) / len(num_tokens) if num_tokens else None,
+        "truncated_frac": sum(truncated) / len(truncated) if truncated else None,
+        "timing_s": {"load": round(t_load, 2), "generate": round(t_gen, 2), "score": round(t_score, 2),
+                     "total": round(time.time() - t0, 2)},
+    })
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    print()
+    print(markdown_table(results))
+    if skipped_k:
+        print(f"pass@k left out for k={skipped_k}: above every problem's n")
+    if partial_k:
+        counts = ", ".join(f"pass@{k}: {results['pass_at_k_num_problems'][k]}" for k in partial_k)
+        print(f"pass@k averaged over the problems with n >= k only ({counts} of {results['num_problems']} problems)")
+    if num_tokens and truncated:
+        print(f"mean completion length {results['mean_completion_tokens']:.1f} tokens, "
+              f"{results['truncated_frac']:.1%} truncated" + ("" if args.samples else f" at --max_new_tokens {args.max_new_tokens}"))
+    timing = results["timing_s"]
+    print(f"\ngenerated {generated} samples; time: load {timing['load']:.1f}s, generate {timing['generate']:.1f}s, "
+          f"score {timing['score']:.1f}s, total {timing['total']:.1f}s")
+    print(f"results: {out_dir / 'results.json'}")
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DataError, EvalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
