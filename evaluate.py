@@ -368,7 +368,7 @@ def score_math(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
     from verifiers.math import MathVerifier
 
     flat = [(pid, s["completion"]) for pid, group in grouped.items() for s in group]
-    with MathVerifier(num_workers=max(1, args.num_workers), timeout_s=5.0) as verifier:
+    with MathVerifier(num_workers=max(1, args.num_workers), timeout_s=4.0) as verifier:
         scores = verifier.score([c for _, c in flat], [problems[pid]["answer"] for pid, _ in flat])
     out = defaultdict(list)
     for (pid, _), score in zip(flat, scores):

@@ -73,7 +73,7 @@ class Config:
     generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate() call."})
     truncated_completions: str = field(default="mask", metadata={"help": "'mask': no loss on completions without EOS; 'wrong': reward 0 and trained on."})
     verifier_workers: int = 2
-    verifier_timeout_s: float = 5.0
+    verifier_timeout_s: float = 4.0
     # --- method
     method: str = field(default="antisd", metadata={"help": "grpo | sd (+u) | sd_jsd (+phi(u)) | antisd (-phi(u))."})
     preset: str = field(default="paper", metadata={"help": "paper: entropy Schmitt gate; release: the authors' perplexity controller."})
@@ -95,7 +95,7 @@ class Config:
     loss_aggregation: str = field(default="token-mean", metadata={"help": "token-mean (DAPO) or seq-mean-token-mean."})
     ppo_epochs: int = field(default=1, metadata={"help": "Optimizer updates per rollout batch (1 = on-policy)."})
     micro_batch_size: int = field(default=16, metadata={"help": "Sequences per forward/backward."})
-    score_batch_size: int = field(default=64, metadata={"help": "Sequences per no-grad teacher forward."})
+    score_batch_size: int = field(default=16, metadata={"help": "Sequences per no-grad teacher forward."})
     max_grad_norm: float = 1.0
     # --- systems
     bf16: bool = False

@@ -106,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num_workers", type=int, default=2)
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--timeout_s", type=float, default=5.0)
+    ap.add_argument("--timeout_s", type=float, default=4.0)
     args = ap.parse_args()
 
     comps, golds, expect = make_completions(args.n)

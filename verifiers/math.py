@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 TAIL_CHARS = 2000  # only the last this-many characters of the answer region are searched
-DEFAULT_TIMEOUT_S = 5.0  # hard wall-clock limit per pooled check
+DEFAULT_TIMEOUT_S = 4.0  # hard wall-clock limit per pooled check (a killed check ends just past it)
 GOLD_PARSE_TIMEOUT_S = 3  # int seconds: math-verify's own (signal.alarm) parsing timeout for gold_parses
 WORKER_START_TIMEOUT_S = 120.0  # a worker that is not ready (math_verify imported) by then is replaced
 _MAX_START_FAILURES = 3  # consecutive worker start failures before score() raises
