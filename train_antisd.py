@@ -373,6 +373,12 @@ def teacher_prompt_ids(tokenizer, cfg: Config, prompt: str, solution: str | None
 # =====================================================================================
 # Scoring: sampled-token log-probs (+ full-vocab entropy) in chunks, never [batch, length, vocab]
 # =====================================================================================
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar total length, so padding to the longest row wastes little."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
     """Right-padded prompt+response rows, and where each response token sits."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
@@ -682,8 +688,8 @@ def main(cfg: Config) -> None:
             teacher_prompts = [teacher_prompt_ids(tokenizer, cfg, prompts[batch_rows[i // cfg.group_size]], shown[i], rewards[i] > 0.5)
                                for i in range(n_seq)]
             with torch.no_grad():
-                for s in range(0, n_seq, cfg.score_batch_size):
-                    idx = range(s, min(s + cfg.score_batch_size, n_seq))
+                lengths = [len(t) + len(c) for t, c in zip(teacher_prompts, rollout.completion_ids)]
+                for idx in length_sorted_batches(lengths, cfg.score_batch_size):
                     packed = pack_sequences([teacher_prompts[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id, device)
                     logp, ent = token_logprobs(model, *packed, cfg.logit_chunk_rows, with_entropy=True)
                     for j, i in enumerate(idx):
@@ -710,7 +716,8 @@ def main(cfg: Config) -> None:
         resp_lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
         total_tokens = accelerator.reduce((resp_lens * trained).sum().to(device), "sum").clamp(min=1)
         total_seqs = accelerator.reduce(trained.sum().float().to(device), "sum").clamp(min=1)
-        micro_batches = [range(s, min(s + cfg.micro_batch_size, n_seq)) for s in range(0, n_seq, cfg.micro_batch_size)]
+        micro_batches = length_sorted_batches([len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)],
+                                              cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
         old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
         grad_norm, skipped = None, False
         for epoch in range(cfg.ppo_epochs):
@@ -729,11 +736,11 @@ def main(cfg: Config) -> None:
                         signal = controller.process(u, mask, cfg.method) if cfg.preset == "release" else token_signal(u, cfg.method) * mask
                         if epoch == 0:
                             u_values.append(u[mask.bool()])
-                            weighted = seq_lambda[list(idx)].to(device)[:, None] * signal
+                            weighted = seq_lambda[idx].to(device)[:, None] * signal
                             stats["bonus"] += weighted.clamp(min=0).sum().item()
                             stats["penalty"] += weighted.clamp(max=0).sum().item()
-                    adv = combine_advantages(seq_adv[list(idx)], signal, seq_lambda[list(idx)].to(device), mask)
-                    weights = loss_weights(mask * trained[list(idx)].to(device)[:, None], cfg.loss_aggregation,
+                    adv = combine_advantages(seq_adv[idx], signal, seq_lambda[idx].to(device), mask)
+                    weights = loss_weights(mask * trained[idx].to(device)[:, None], cfg.loss_aggregation,
                                            total_tokens, total_seqs) * world  # DDP/FSDP average gradients over processes
                     loss, clipped = ppo_clip_loss(logp, old_logp[k], adv, weights, cfg.clip_eps, clip_high)
                     accelerator.backward(loss)
