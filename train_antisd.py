@@ -50,7 +50,7 @@ class Config:
     # --- run
     output_dir: str = field(default="runs/antisd-arith", metadata={"help": "Checkpoints, metrics.jsonl, final model."})
     seed: int = 0
-    max_steps: int = field(default=150, metadata={"help": "Optimizer steps (one rollout batch each)."})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps (one rollout batch each)."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
     resume: bool = field(default=False, metadata={"help": "Continue the run in --output_dir from its last checkpoint."})
@@ -71,7 +71,7 @@ class Config:
     temperature: float = 1.0
     top_p: float = 1.0
     generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate() call."})
-    truncated_completions: str = field(default="mask", metadata={"help": "'mask': no loss on completions without EOS; 'wrong': reward 0 and trained on."})
+    truncated_completions: str = field(default="wrong", metadata={"help": "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS."})
     verifier_workers: int = 2
     verifier_timeout_s: float = 4.0
     # --- method
@@ -86,9 +86,9 @@ class Config:
     solution_max_tokens: int = field(default=1024, metadata={"help": "Shown solution budget: 25% head + 75% tail beyond it."})
     release_max_response_tokens: int = field(default=8192, metadata={"help": "release preset: no signal on longer responses."})
     # --- optimization
-    learning_rate: float = 3e-4
+    learning_rate: float = 2e-4
     weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "transformers scheduler: constant_with_warmup, linear, cosine, ..."})
     lr_warmup_steps: int = 0
     clip_eps: float = 0.2
     clip_eps_high: float | None = field(default=None, metadata={"help": "Clip-higher upper epsilon (DAPO); default = clip_eps."})
@@ -119,6 +119,8 @@ class Config:
             problems.append("--truncated_completions must be 'mask' or 'wrong'")
         if self.loss_aggregation not in ("token-mean", "seq-mean-token-mean"):
             problems.append("--loss_aggregation must be 'token-mean' or 'seq-mean-token-mean'")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            problems.append("--lr_scheduler constant ignores --lr_warmup_steps: use constant_with_warmup")
         if self.resume and self.init_from:
             problems.append("--resume continues a run, --init_from starts a new one: pass only one")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps"):
@@ -736,7 +738,7 @@ def main(cfg: Config) -> None:
                         signal = controller.process(u, mask, cfg.method) if cfg.preset == "release" else token_signal(u, cfg.method) * mask
                         if epoch == 0:
                             u_values.append(u[mask.bool()])
-                            weighted = seq_lambda[idx].to(device)[:, None] * signal
+                            weighted = (seq_lambda[idx] * trained[idx]).to(device)[:, None] * signal  # masked rows carry no loss
                             stats["bonus"] += weighted.clamp(min=0).sum().item()
                             stats["penalty"] += weighted.clamp(max=0).sum().item()
                     adv = combine_advantages(seq_adv[idx], signal, seq_lambda[idx].to(device), mask)
@@ -800,6 +802,9 @@ def main(cfg: Config) -> None:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", lam=f"{metrics['gate/lambda']:.2f}", s=f"{step_s:.1f}")
+            if metrics["length/truncated_frac"] >= 0.5:  # a drifting policy can end here, with little or no gradient left
+                logger.warning("step %d: %.0f%% of completions hit --max_new_tokens %d (--truncated_completions %s)",
+                               step + 1, 100 * metrics["length/truncated_frac"], cfg.max_new_tokens, cfg.truncated_completions)
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
 
         # ---- checkpoint

@@ -55,6 +55,19 @@ def test_three_real_steps(tmp_path, method, preset):
     assert moved == any(r["grad_norm"] for r in rows)
 
 
+@pytest.mark.parametrize("mode", ["mask", "wrong"])
+def test_truncated_completions_flag(tmp_path, mode):
+    # 3 new tokens truncate every completion; a constant lambda makes the token signal the only gradient
+    run_script(FAST + ["--method", "sd", "--gate", "none", "--max_new_tokens", "3", "--max_steps", "2",
+                       "--save_steps", "0", "--truncated_completions", mode, "--output_dir", str(tmp_path)])
+    rows = read_metrics(tmp_path)
+    assert all(r["length/truncated_frac"] == 1.0 and r["reward/mean"] == 0.0 for r in rows)
+    if mode == "mask":  # no loss on any of them
+        assert all(r["grad_norm"] == 0.0 and r["signal/bonus_mass"] == r["signal/penalty_mass"] == 0.0 for r in rows)
+    else:  # scored 0 and trained on
+        assert all(r["grad_norm"] > 0.0 for r in rows)
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     args = FAST + ["--method", "antisd", "--max_steps", "4", "--save_steps", "2"]
     main(parse_config(args + ["--output_dir", str(tmp_path / "straight")]))
@@ -109,6 +122,8 @@ def test_config_file_cli_overrides_and_validation(tmp_path):
         Config(prompts_per_step=3).validate(num_processes=2)
     with pytest.raises(SystemExit, match="group_size"):
         Config(group_size=1).validate(num_processes=1)
+    with pytest.raises(SystemExit, match="constant_with_warmup"):
+        Config(lr_scheduler="constant", lr_warmup_steps=10).validate(num_processes=1)
 
 
 def test_init_from_starts_a_new_run_with_a_fresh_gate(tmp_path):
@@ -161,3 +176,10 @@ def test_every_recipe_parses(recipe):
     cfg = parse_config(["--config", str(recipe)])
     cfg.validate(num_processes=1)
     assert cfg.method in train_antisd.METHODS
+
+
+def test_default_recipe_is_what_no_arguments_run():
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    assert {k: getattr(Config(), k) for k in recipe} == recipe
