@@ -276,3 +276,31 @@ def test_interpreter_is_ours_and_isolated():
     r = run_sandboxed("import sys, os\nprint(sys.flags.no_user_site, os.environ.get('PYTHONHASHSEED'))\n"
                       f"print(sys.prefix == {sys.prefix!r})")
     assert r.stdout.split() == ["1", "0", "True"]
+
+
+def test_value_codec_round_trips_and_untrusted_outputs():
+    import json
+
+    import numpy as np
+
+    from verifiers.code import _dec, _dec_result, _enc, _Opaque
+
+    value = [1, (2.5, "x"), {3, 4}, frozenset({5}), {"k": b"\x00\xff"}, 1 + 2j, 7**5000, None, True]
+    assert _dec(json.loads(json.dumps(_enc(value)))) == value
+    with pytest.raises(TypeError):
+        _enc(object())  # inputs we send must be plain values
+
+    class MyInt(int):
+        pass
+
+    class MyList(list):
+        pass
+
+    out = _dec_result(json.loads(json.dumps(_enc([MyInt(3), MyList([1]), np.int64(4), np.arange(3), object()], untrusted=True))))
+    assert out[:2] == [3, [1]] and type(out[0]) is int and type(out[1]) is list
+    assert out[2] == 4 and isinstance(out[2], np.int64) and out[3].tolist() == [0, 1, 2]
+    assert isinstance(out[4], _Opaque)
+    deep = []
+    for _ in range(300):
+        deep = [deep]
+    assert "too-deep" in json.dumps(_enc(deep, untrusted=True))

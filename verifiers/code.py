@@ -808,68 +808,74 @@ def run_sandboxed(source: str, *, stdin: str | bytes = "", timeout_s: float = 10
 # Scalars None/bool/int/float/str are raw JSON; containers are [tag, payload] lists.
 # --------------------------------------------------------------------------------------------------
 _CODEC_SRC = r'''
-def _enc(x, _d=0):
+def _enc(x, _d=0, untrusted=False):
+    """Strict for inputs we send; with untrusted=True (values returned by the program) builtin
+    subclasses become their base type, numpy values stay numpy, anything else becomes an opaque
+    marker that compares unequal."""
     t = type(x)
     if t is int and x.bit_length() > 4000:
         return ["I", format(x, "x")]
     if x is None or t is bool or t is int or t is float or t is str:
         return x
     if _d > 200:
+        if untrusted:
+            return ["U", "too-deep"]
         raise ValueError("nesting too deep")
-    if t is list:
-        return ["L", [_enc(i, _d + 1) for i in x]]
-    if t is tuple:
-        return ["T", [_enc(i, _d + 1) for i in x]]
-    if t is set:
-        return ["S", [_enc(i, _d + 1) for i in x]]
-    if t is frozenset:
-        return ["F", [_enc(i, _d + 1) for i in x]]
+    tag = {list: "L", tuple: "T", set: "S", frozenset: "F"}.get(t)
+    if tag:
+        return [tag, [_enc(i, _d + 1, untrusted) for i in x]]
     if t is dict:
-        return ["D", [[_enc(k, _d + 1), _enc(v, _d + 1)] for k, v in x.items()]]
+        return ["D", [[_enc(k, _d + 1, untrusted), _enc(v, _d + 1, untrusted)] for k, v in x.items()]]
     if t is complex:
         return ["C", x.real, x.imag]
     if t is bytes:
         return ["B", x.hex()]
-    raise TypeError("unsupported type " + t.__name__)
-
-
-def _enc_out(x, _d=0):
-    """Encode a value returned by untrusted code: builtin subclasses become their base type,
-    numpy values are kept as numpy, anything else becomes an opaque marker (compares unequal)."""
-    t = type(x)
-    if t is int and x.bit_length() > 4000:
-        return ["I", format(x, "x")]
-    if x is None or t is bool or t is int or t is float or t is str:
-        return x
-    if _d > 200:
-        return ["U", "too-deep"]
-    if t is list or t is tuple or t is set or t is frozenset:
-        return [{list: "L", tuple: "T", set: "S", frozenset: "F"}[t], [_enc_out(i, _d + 1) for i in x]]
-    if t is dict:
-        return ["D", [[_enc_out(k, _d + 1), _enc_out(v, _d + 1)] for k, v in x.items()]]
-    if t is complex:
-        return ["C", x.real, x.imag]
-    if t is bytes:
-        return ["B", x.hex()]
+    if not untrusted:
+        raise TypeError("unsupported type " + t.__name__)
     np = __import__("sys").modules.get("numpy")
     if np is not None:
         if isinstance(x, np.ndarray):
             if x.dtype.kind in "biufcU":
-                return ["A", x.dtype.str, _enc_out(x.tolist(), _d + 1)]
+                return ["A", x.dtype.str, _enc(x.tolist(), _d + 1, True)]
             return ["U", "numpy.ndarray[%s]" % x.dtype]
         if isinstance(x, np.generic):
-            return ["G", x.dtype.str, _enc_out(x.item(), _d + 1)]
-    for base, tag in ((bool, None), (int, None), (float, None), (str, None), (complex, None), (bytes, None)):
+            return ["G", x.dtype.str, _enc(x.item(), _d + 1, True)]
+    for base in (bool, int, float, str, complex, bytes):
         if isinstance(x, base):
-            return _enc_out(base(x), _d + 1)
+            return _enc(base(x), _d + 1, True)
     for base, tag in ((list, "L"), (tuple, "T"), (set, "S"), (frozenset, "F")):
         if isinstance(x, base):
-            return [tag, [_enc_out(i, _d + 1) for i in base.__iter__(x)]]
+            return [tag, [_enc(i, _d + 1, True) for i in base.__iter__(x)]]
     if isinstance(x, dict):
-        return ["D", [[_enc_out(k, _d + 1), _enc_out(v, _d + 1)] for k, v in dict.items(x)]]
+        return ["D", [[_enc(k, _d + 1, True), _enc(v, _d + 1, True)] for k, v in dict.items(x)]]
     return ["U", t.__module__ + "." + t.__qualname__]
+
+def _dec(x, _extra=None):
+    """Inverse of _enc; `_extra(x, decode)` decodes the tags only results carry (host side)."""
+    if type(x) is not list:
+        return x
+    tag = x[0]
+    if tag == "L":
+        return [_dec(i, _extra) for i in x[1]]
+    if tag == "T":
+        return tuple(_dec(i, _extra) for i in x[1])
+    if tag == "S":
+        return {_dec(i, _extra) for i in x[1]}
+    if tag == "F":
+        return frozenset(_dec(i, _extra) for i in x[1])
+    if tag == "D":
+        return {_dec(k, _extra): _dec(v, _extra) for k, v in x[1]}
+    if tag == "C":
+        return complex(x[1], x[2])
+    if tag == "B":
+        return bytes.fromhex(x[1])
+    if tag == "I":
+        return int(x[1], 16)
+    if _extra is not None:
+        return _extra(x, lambda v: _dec(v, _extra))
+    raise ValueError(f"bad tag {tag!r}")
 '''
-exec(_CODEC_SRC)  # defines _enc, _enc_out in this module (the same text is shipped to the harness)
+exec(_CODEC_SRC)  # defines _enc, _dec in this module (the same text is shipped to the harness)
 
 
 class _Opaque:
@@ -914,32 +920,14 @@ class _Digest:
         return f"<digest {self.kind} {self.hexdigest[:12]}>"
 
 
-def _dec(x):
-    if type(x) is not list:
-        return x
+def _dec_result_tag(x, decode):
     tag = x[0]
-    if tag == "L":
-        return [_dec(i) for i in x[1]]
-    if tag == "T":
-        return tuple(_dec(i) for i in x[1])
-    if tag == "S":
-        return {_dec(i) for i in x[1]}
-    if tag == "F":
-        return frozenset(_dec(i) for i in x[1])
-    if tag == "D":
-        return {_dec(k): _dec(v) for k, v in x[1]}
-    if tag == "C":
-        return complex(x[1], x[2])
-    if tag == "B":
-        return bytes.fromhex(x[1])
-    if tag == "I":
-        return int(x[1], 16)
     if tag == "H":
         return _Digest(x[1], x[2])
     if tag in ("A", "G"):
         import numpy as np
 
-        val = _dec(x[2])
+        val = decode(x[2])
         return np.array(val, dtype=np.dtype(x[1])) if tag == "A" else np.dtype(x[1]).type(val)
     if tag == "NN":
         return _NotNone(x[1])
@@ -948,9 +936,13 @@ def _dec(x):
     raise ValueError(f"bad tag {tag!r}")
 
 
+def _dec_result(x):
+    return _dec(x, _dec_result_tag)
+
+
 def _safe_dec(x):
     try:
-        return _dec(x)
+        return _dec_result(x)
     except Exception:  # noqa: BLE001 - malformed output from the program: never equal to anything
         return _Opaque("undecodable")
 
@@ -1032,7 +1024,7 @@ def _enc_result(out, set_eq=False):
         data = None
     if data is not None and len(data) > _BIG:
         return ["H", hashlib.sha256(data).hexdigest(), "set" if set_eq else "value"]
-    return _enc_out(out)
+    return _enc(out, untrusted=True)
 
 
 def _main():
@@ -1116,29 +1108,6 @@ def _main():
                     return
                 res.append(["err", type(e).__name__])
         emit({"split": split["name"], "results": res})
-
-
-def _dec(x):
-    if type(x) is not list:
-        return x
-    tag = x[0]
-    if tag == "L":
-        return [_dec(i) for i in x[1]]
-    if tag == "T":
-        return tuple(_dec(i) for i in x[1])
-    if tag == "S":
-        return {_dec(i) for i in x[1]}
-    if tag == "F":
-        return frozenset(_dec(i) for i in x[1])
-    if tag == "D":
-        return {_dec(k): _dec(v) for k, v in x[1]}
-    if tag == "C":
-        return complex(x[1], x[2])
-    if tag == "B":
-        return bytes.fromhex(x[1])
-    if tag == "I":
-        return int(x[1], 16)
-    raise ValueError(tag)
 
 
 _main()
@@ -1288,8 +1257,8 @@ def _gt_one(problem: dict, timeout_s: float, memory_mb: int) -> dict:
 
 
 def _decode_gt(entry: dict) -> dict:
-    return {"base": [_dec(v) for v in entry["base"]], "base_time": list(entry["base_time"]),
-            "plus": [_dec(v) for v in entry["plus"]], "plus_time": list(entry["plus_time"])}
+    return {"base": [_dec_result(v) for v in entry["base"]], "base_time": list(entry["base_time"]),
+            "plus": [_dec_result(v) for v in entry["plus"]], "plus_time": list(entry["plus_time"])}
 
 
 def mbpp_groundtruth(problems: dict, cache_dir: str | None = None, *, workers: int | None = None,
