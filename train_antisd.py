@@ -569,7 +569,13 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
     for ax, key in zip(axes, ("reward/mean", "gate/lambda", "teacher/entropy_median")):
-        ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in rows])
+        values = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+        ax.plot(steps, values, alpha=0.5 if key == "reward/mean" else 1.0)
+        if key == "reward/mean":  # per-step reward is noisy (few prompts a step): show the trend too
+            window = min(10, len(values))
+            ax.plot(steps[window - 1:], [statistics.fmean(values[i - window + 1:i + 1]) for i in range(window - 1, len(values))],
+                    label=f"mean of {window} steps")
+            ax.legend(loc="lower right")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
