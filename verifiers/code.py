@@ -850,6 +850,7 @@ def _enc(x, _d=0, untrusted=False):
         return ["D", [[_enc(k, _d + 1, True), _enc(v, _d + 1, True)] for k, v in dict.items(x)]]
     return ["U", t.__module__ + "." + t.__qualname__]
 
+
 def _dec(x, _extra=None):
     """Inverse of _enc; `_extra(x, decode)` decodes the tags only results carry (host side)."""
     if type(x) is not list:
