@@ -95,7 +95,7 @@ class Config:
     loss_aggregation: str = field(default="token-mean", metadata={"help": "token-mean (DAPO) or seq-mean-token-mean."})
     ppo_epochs: int = field(default=1, metadata={"help": "Optimizer updates per rollout batch (1 = on-policy)."})
     micro_batch_size: int = field(default=16, metadata={"help": "Sequences per forward/backward."})
-    score_batch_size: int = field(default=16, metadata={"help": "Sequences per no-grad teacher forward."})
+    score_batch_size: int = field(default=16, metadata={"help": "Teacher prompts, then responses, per no-grad teacher forward."})
     max_grad_norm: float = 1.0
     # --- systems
     bf16: bool = False
@@ -353,12 +353,26 @@ def fit_token_budget(text: str, tokenizer, max_tokens: int) -> str:
 
 def choose_shown_solutions(rewards: list[float], texts: list[str], group_size: int,
                            dataset_solutions: list[str | None], rng: random.Random) -> list[str | None]:
-    """For rollout i: another correct rollout of its group, else the dataset solution, else None."""
+    """For rollout i: another correct rollout of its group, else the dataset solution, else None.
+
+    Each group shows one randomly chosen correct rollout to all its other rollouts (and a second
+    one to that rollout), so a group has at most three distinct teacher prompts and
+    `teacher_scores` reads each once. Each rollout still sees a uniformly chosen correct sibling.
+    """
     shown = []
-    for i, reward in enumerate(rewards):
-        start = i - i % group_size
-        siblings = [j for j in range(start, start + group_size) if j != i and rewards[j] > 0.5]
-        shown.append(texts[rng.choice(siblings)] if siblings else dataset_solutions[i // group_size])
+    for start in range(0, len(rewards), group_size):
+        group = range(start, start + group_size)
+        correct = [j for j in group if rewards[j] > 0.5]
+        fallback = dataset_solutions[start // group_size]
+        chosen = rng.choice(correct) if correct else None
+        for i in group:
+            if chosen is None:
+                shown.append(fallback)
+            elif i != chosen:
+                shown.append(texts[chosen])
+            else:
+                others = [j for j in correct if j != i]
+                shown.append(texts[rng.choice(others)] if others else fallback)
     return shown
 
 
@@ -446,8 +460,12 @@ def install_scoring_head(model) -> None:
 
 
 def token_logprobs(model, input_ids, attention_mask, targets, positions, response_mask,
-                   chunk_rows: int, with_entropy: bool = False):
-    """log pi(target) at each response position ([B, T], 0 off-mask), and the entropy if asked."""
+                   chunk_rows: int, with_entropy: bool = False, cache=None, position_ids=None):
+    """log pi(target) at each response position ([B, T], 0 off-mask), and the entropy if asked.
+
+    With a KV `cache` of a prefix, `input_ids` continue it: `attention_mask` then covers prefix +
+    input and `position_ids` give the input's positions after the prefix's own tokens.
+    """
     from accelerate.utils import extract_model_from_parallel
 
     head = extract_model_from_parallel(model).get_output_embeddings()
@@ -458,11 +476,82 @@ def token_logprobs(model, input_ids, attention_mask, targets, positions, respons
     head.request = {"batch_index": batch_index[active], "positions": positions[active], "targets": targets[active],
                     "chunk_rows": chunk_rows, "with_entropy": with_entropy}
     try:
-        scored = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        scored = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       cache=cache, use_cache=cache is not None).logits
     finally:
         head.request = None
     logp = torch.zeros(response_mask.shape, device=scored.device, dtype=torch.float32).masked_scatter(active, scored[:, 0])
     entropy = torch.zeros_like(logp).masked_scatter(active, scored[:, 1]) if with_entropy else None
+    return logp, entropy
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+    return ids, mask
+
+
+def caches_prefixes(model) -> bool:
+    """Prefix KV caches can be reused by any continuation when every layer is full attention."""
+    config = model.config.get_text_config(decoder=True)
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return not sliding and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+
+
+@torch.no_grad()
+def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]], pad_id: int, device,
+                   batch_size: int, chunk_rows: int, agree_calls=None) -> tuple[list, list]:
+    """The teacher's log pi(y_t) and full-vocabulary entropy for each response after its prefix.
+
+    Rollouts shown the same solution with the same feedback have the same prefix: it is run once
+    (all but its last token) and each of those responses continues its KV cache as
+    [last prefix token] + response, so prefix tokens are not re-read per rollout. Models with
+    sliding-window or linear-attention layers score prefix + response whole instead.
+    `agree_calls(n) -> N >= n` agrees on a forward count across processes: a sharded (FSDP)
+    model gathers its weights in every forward, so processes with fewer pad with dummy ones.
+    """
+    from accelerate.utils import extract_model_from_parallel
+    from transformers import DynamicCache
+
+    logp, entropy = [None] * len(responses), [None] * len(responses)
+    if caches_prefixes(extract_model_from_parallel(model)):
+        index: dict[tuple, int] = {}
+        owner = [index.setdefault(tuple(p), len(index)) for p in prefixes]
+        distinct = [list(p) for p in index]
+        plan = []  # (distinct prefixes read together, the batches of responses that continue them)
+        for batch in length_sorted_batches([len(p) for p in distinct], batch_size):
+            members = [i for i, d in enumerate(owner) if d in batch]
+            plan.append((batch, [[members[k] for k in sub]
+                                 for sub in length_sorted_batches([len(responses[i]) for i in members], batch_size)]))
+    else:
+        plan = [(None, length_sorted_batches([len(p) + len(r) for p, r in zip(prefixes, responses)], batch_size))]
+    forwards = sum(len(subs) + (batch is not None) for batch, subs in plan)
+    for _ in range((agree_calls(forwards) if agree_calls else forwards) - forwards):  # agreed before any real forward
+        model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False, logits_to_keep=1)
+
+    for batch, subs in plan:
+        if batch is None:
+            scored = [(rows, token_logprobs(model, *pack_sequences([prefixes[i] for i in rows], [responses[i] for i in rows],
+                                                                   pad_id, device), chunk_rows, with_entropy=True))
+                      for rows in subs]
+        else:
+            ids, prefix_mask = right_pad([distinct[d][:-1] for d in batch], pad_id, device)
+            prefix_cache = model(input_ids=ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1).cache
+            cache_row = {d: r for r, d in enumerate(batch)}
+            scored = []
+            for rows in subs:
+                select = torch.tensor([cache_row[owner[i]] for i in rows], device=device)
+                cache = DynamicCache([(keys[select], values[select]) for keys, values, *_ in prefix_cache])
+                ids, mask, targets, positions, response_mask = pack_sequences(
+                    [distinct[owner[i]][-1:] for i in rows], [responses[i] for i in rows], pad_id, device)
+                starts = torch.tensor([len(distinct[owner[i]]) - 1 for i in rows], device=device)
+                scored.append((rows, token_logprobs(
+                    model, ids, torch.cat([prefix_mask[select], mask], 1), targets, positions, response_mask, chunk_rows,
+                    with_entropy=True, cache=cache, position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device))))
+        for rows, (lp, ent) in scored:
+            for j, i in enumerate(rows):
+                logp[i], entropy[i] = lp[j, : len(responses[i])], ent[j, : len(responses[i])]
     return logp, entropy
 
 
@@ -687,26 +776,20 @@ def main(cfg: Config) -> None:
         # ---- privileged context and teacher scoring (no grad; same response ids appended)
         t0 = time.perf_counter()
         n_seq = len(rollout.completion_ids)
-        teacher_logp = [None] * n_seq
-        entropies = []
+        teacher_logp, teacher_entropy = [None] * n_seq, []
         if uses_teacher:
             rng = random.Random(cfg.seed * 7919 + step * 104729 + rank)
             solutions = [rows[i]["solution"] if cfg.dataset_solution_fallback else None for i in batch_rows]
             shown = choose_shown_solutions(rewards, rollout.texts, cfg.group_size, solutions, rng)
             teacher_prompts = [teacher_prompt_ids(tokenizer, cfg, prompts[batch_rows[i // cfg.group_size]], shown[i], rewards[i] > 0.5)
                                for i in range(n_seq)]
-            with torch.no_grad():
-                lengths = [len(t) + len(c) for t, c in zip(teacher_prompts, rollout.completion_ids)]
-                for idx in length_sorted_batches(lengths, cfg.score_batch_size):
-                    packed = pack_sequences([teacher_prompts[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id, device)
-                    logp, ent = token_logprobs(model, *packed, cfg.logit_chunk_rows, with_entropy=True)
-                    for j, i in enumerate(idx):
-                        teacher_logp[i] = logp[j, : len(rollout.completion_ids[i])]
-                    entropies.append(ent[packed[4].bool()])
+            teacher_logp, teacher_entropy = teacher_scores(
+                model, teacher_prompts, rollout.completion_ids, pad_id, device, cfg.score_batch_size, cfg.logit_chunk_rows,
+                agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()))
         timings["teacher"] = time.perf_counter() - t0
 
         # ---- gate: lambda for this step (the step's median teacher entropy decides it)
-        all_entropy = gather_floats(accelerator, torch.cat(entropies) if entropies else torch.zeros(0))
+        all_entropy = gather_floats(accelerator, torch.cat(teacher_entropy) if teacher_entropy else torch.zeros(0))
         entropy_median = all_entropy.median().item() if all_entropy.numel() else None
         seq_ppl = torch.tensor([math.exp(-(tl.sum() / max(len(c), 1)).item()) if tl is not None else float("nan")
                                 for tl, c in zip(teacher_logp, rollout.completion_ids)])

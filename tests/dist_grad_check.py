@@ -1,6 +1,9 @@
 """Run with 2 processes (torchrun, gloo, FSDP2 on CPU): the gradient of the token-mean loss
-split over processes and micro-steps equals the one-process gradient of the whole batch.
-Prints GRAD-CHECK OK on rank 0; exits non-zero on a mismatch. Used by tests/test_training.py."""
+split over processes and micro-steps equals the one-process gradient of the whole batch, and
+teacher scoring with shared prefixes on the sharded model equals the one-process scores while
+the processes need different numbers of forwards.
+Prints GRAD-CHECK OK and TEACHER-CHECK OK on rank 0; exits non-zero on a mismatch. Used by
+tests/test_training.py."""
 
 import copy
 import os
@@ -10,7 +13,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from train_antisd import (Config, combine_advantages, install_scoring_head, loss_weights, make_accelerator, pack_sequences,
-                          ppo_clip_loss, token_logprobs, token_signal)
+                          ppo_clip_loss, teacher_scores, token_logprobs, token_signal)
 
 PROMPTS = [[1, 2], [3, 4, 5], [6], [7, 8], [9, 1, 2], [3]]
 RESPONSES = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19], [20, 21, 22, 23], [24, 25]]
@@ -57,6 +60,20 @@ def main():
                 print(f"rank {accelerator.process_index} {aggregation} {name}: max diff {(grad - expected[name]).abs().max()}")
     if accelerator.is_main_process and ok:
         print("GRAD-CHECK OK")
+
+    # rank 0: three distinct prefixes, rank 1: one; with batch_size 1 they need 7 and 5 forwards
+    prefixes = [[1, 2, 3], [1, 2, 3], [4, 5], [6, 7, 8, 9]] if accelerator.process_index == 0 else [[1, 2, 3]] * 4
+    responses = [[10, 11], [12, 13, 14], [15], [16, 17]]
+    with torch.no_grad():
+        expected_logp, expected_entropy = teacher_scores(reference, prefixes, responses, 0, "cpu", 1, 4)
+        logp, entropy = teacher_scores(sharded, prefixes, responses, 0, "cpu", 1, 4,
+                                       agree_calls=lambda n: int(accelerator.gather(torch.tensor([n])).max()))
+    for got, want in zip(logp + entropy, expected_logp + expected_entropy):
+        if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+            ok = False
+            print(f"rank {accelerator.process_index} teacher scores differ: {got} vs {want}")
+    if accelerator.is_main_process and ok:
+        print("TEACHER-CHECK OK")
     sys.exit(0 if ok else 1)
 
 

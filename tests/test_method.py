@@ -10,8 +10,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from train_antisd import (
     EntropyGate, ReleaseController, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
     grpo_advantages, install_scoring_head, jsd_phi, loss_weights, pack_sequences, ppo_clip_loss, teacher_user_message,
-    token_logprobs, token_signal,
+    teacher_scores, token_logprobs, token_signal,
 )
+import train_antisd
+
 
 LOG2 = math.log(2)
 
@@ -118,6 +120,9 @@ def test_privileged_context_choice_and_template():
     assert shown[3:] == [None, None, None]        # no correct sibling, no dataset solution
     assert choose_shown_solutions([0.0] * 3, texts[:3], 3, ["ref"], random.Random(0)) == ["ref"] * 3
     assert choose_shown_solutions([1.0, 0.0], ["x", "y"], 2, [None], random.Random(0)) == [None, "x"]
+    for seed in range(20):  # one correct rollout is shown to the rest of its group, another one to it
+        shown = choose_shown_solutions([1.0, 1.0, 0.0, 1.0], ["a", "b", "c", "d"], 4, [None], random.Random(seed))
+        assert len(set(shown)) == 2 and set(shown) <= {"a", "b", "d"} and all(s != own for s, own in zip(shown, "abcd"))
     assert cut_after_last_boxed("so \\boxed{1} then \\boxed{\\frac{1}{2}} trailing") == "so \\boxed{1} then \\boxed{\\frac{1}{2}}"
     assert cut_after_last_boxed("no box") == "no box"
     msg = teacher_user_message("P?", "S", "Your answer is incorrect.")
@@ -183,6 +188,33 @@ def test_teacher_and_student_align_token_by_token(small_model):
     torch.testing.assert_close(t[0], ref_t[0], atol=1e-5, rtol=1e-5)
     assert (t[0] - s[0]).abs().max() > 1e-4          # the context changes the scores...
     torch.testing.assert_close(same[0], same[1])     # ...and the same context gives u = 0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_teacher_scores_with_shared_prefixes_equal_naive(small_model, monkeypatch, shared):
+    """Prefix read once and its KV cache continued per response == each sequence scored whole."""
+    assert train_antisd.caches_prefixes(small_model)
+    windowed = Qwen3ForCausalLM(Qwen3Config(**{**small_model.config.to_dict(), "use_sliding_window": True, "sliding_window": 4,
+                                               "layer_types": None}))
+    assert not train_antisd.caches_prefixes(windowed)  # scored whole instead
+    monkeypatch.setattr(train_antisd, "caches_prefixes", lambda model: shared)
+    a, b, c = [1, 2, 3, 4, 5, 6], [1, 2, 3, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]
+    prefixes = [a, b, a, c, b, a, c]
+    responses = [[20, 21, 22], [23], [24, 25, 26, 27, 28], [29, 30], [31, 32, 33], [34], [35, 36, 37, 38]]
+    calls = []
+    hook = small_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        logp, entropy = teacher_scores(small_model, prefixes, responses, pad_id=0, device="cpu", batch_size=2,
+                                       chunk_rows=3, agree_calls=lambda n: n + 2)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        ref_logp, ref_ent = naive_logprobs(small_model, prefixes, responses)
+    for i in range(len(responses)):
+        torch.testing.assert_close(logp[i], ref_logp[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy[i], ref_ent[i], atol=1e-5, rtol=1e-5)
+    # shared: 3 distinct prefixes in 2 batches (+1 each) and 4 response batches; whole: 4 batches; +2 agreed
+    assert len(calls) == (2 + 4 if shared else 4) + 2
 
 
 def test_token_mean_is_the_same_in_micro_steps(small_model):

@@ -144,7 +144,8 @@ def test_two_process_fsdp2_gradient_matches_one_process():
     proc = subprocess.run(TORCHRUN + [str(REPO / "tests" / "dist_grad_check.py"), "token-mean", "seq-mean-token-mean"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **CPU_FSDP2})
-    assert proc.returncode == 0 and "GRAD-CHECK OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0 and "GRAD-CHECK OK" in proc.stdout and "TEACHER-CHECK OK" in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 @pytest.mark.slow
