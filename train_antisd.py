@@ -589,6 +589,24 @@ def save_checkpoint(accelerator, model, tokenizer, cfg: Config, step: int, contr
     accelerator.wait_for_everyone()
 
 
+def full_weights_dir(accelerator, path: str, output_dir: Path) -> str:
+    """A model directory for `path`: checkpoints of FSDP runs hold sharded weights, which are merged
+    once into `output_dir/init_model` (from_pretrained reads only full weights)."""
+    from accelerate.utils import merge_fsdp_weights
+    from transformers import AutoConfig, AutoTokenizer
+
+    shards = Path(path) / "pytorch_model_fsdp_0"
+    if not shards.is_dir():
+        return path
+    merged = output_dir / "init_model"
+    merge_fsdp_weights(str(shards), str(merged))  # every process calls it; the main one writes
+    if accelerator.is_main_process:
+        AutoConfig.from_pretrained(path).save_pretrained(merged)
+        AutoTokenizer.from_pretrained(path).save_pretrained(merged)
+    accelerator.wait_for_everyone()
+    return str(merged)
+
+
 def save_final_model(accelerator, model, tokenizer, output_dir: str) -> None:
     state_dict = accelerator.get_state_dict(model)  # gathers full tensors from FSDP shards
     if accelerator.is_main_process:
@@ -703,7 +721,7 @@ def main(cfg: Config) -> None:
     # ---- data: every prompt rendered once; step k uses prompts [k*P, (k+1)*P) of a seeded order
     rows = load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
     instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
-    model, tokenizer = load_model_and_tokenizer(cfg.init_from or cfg.model, cfg)
+    model, tokenizer = load_model_and_tokenizer(full_weights_dir(accelerator, cfg.init_from, out) if cfg.init_from else cfg.model, cfg)
     prompts = [user_prompt(r["problem"], instruction) for r in rows]
     prompt_ids = [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
 

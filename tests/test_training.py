@@ -154,6 +154,11 @@ def test_two_process_fsdp2_train_save_resume(tmp_path):
     args = FAST + ["--prompts_per_step", "4", "--method", "antisd", "--output_dir", str(tmp_path)]
     run_script(args + ["--max_steps", "2"], env=CPU_FSDP2, launcher=TORCHRUN)
     assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # really sharded
+    step_2 = load_file(tmp_path / "model.safetensors")
+    # continual run from the sharded checkpoint: its weights are merged, then loaded
+    run_script(FAST + ["--max_steps", "1", "--init_from", str(tmp_path / "checkpoint-2"), "--output_dir", str(tmp_path / "cont")])
+    merged = load_file(tmp_path / "cont" / "init_model" / "model.safetensors")
+    assert all(torch.equal(merged[name], tensor) for name, tensor in step_2.items())
     run_script(args + ["--max_steps", "3", "--resume"], env=CPU_FSDP2, launcher=TORCHRUN)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     from transformers import AutoModelForCausalLM
