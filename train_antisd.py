@@ -799,8 +799,9 @@ def main(cfg: Config) -> None:
             rng = random.Random(cfg.seed * 7919 + step * 104729 + rank)
             solutions = [rows[i]["solution"] if cfg.dataset_solution_fallback else None for i in batch_rows]
             shown = choose_shown_solutions(rewards, rollout.texts, cfg.group_size, solutions, rng)
-            teacher_prompts = [teacher_prompt_ids(tokenizer, cfg, prompts[batch_rows[i // cfg.group_size]], shown[i], rewards[i] > 0.5)
-                               for i in range(n_seq)]
+            contexts = [(batch_rows[i // cfg.group_size], shown[i], rewards[i] > 0.5) for i in range(n_seq)]
+            rendered = {c: teacher_prompt_ids(tokenizer, cfg, prompts[c[0]], c[1], c[2]) for c in set(contexts)}
+            teacher_prompts = [rendered[c] for c in contexts]
             teacher_logp, teacher_entropy = teacher_scores(
                 model, teacher_prompts, rollout.completion_ids, pad_id, device, cfg.score_batch_size, cfg.logit_chunk_rows,
                 agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()))
