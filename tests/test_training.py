@@ -1,6 +1,7 @@
 """Real training steps of the embedded tiny model: every method, resume, config, 2-process paths."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def test_three_real_steps(tmp_path, method, preset):
     initial = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-qwen3")
     moved = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
     assert moved == any(r["grad_norm"] for r in rows)
+
+
+def test_gradient_checkpointing_gives_the_same_steps_and_bf16_runs(tmp_path):
+    """The teacher's prefix KV cache still works when the model checkpoints its layers (training mode)."""
+    args = FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "2", "--save_steps", "0"]
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"]), ("bf16", ["--bf16"])):
+        run_script(args + extra + ["--output_dir", str(tmp_path / name)])
+    plain, checkpointed, bf16 = (read_metrics(tmp_path / n) for n in ("plain", "checkpointed", "bf16"))
+    for key in ("reward/mean", "teacher/entropy_median", "u/mean", "loss", "grad_norm"):
+        assert [r[key] for r in checkpointed] == pytest.approx([r[key] for r in plain], rel=1e-4, abs=1e-6), key
+    assert all(math.isfinite(r["u/mean"]) and math.isfinite(r["grad_norm"]) for r in bf16)
 
 
 @pytest.mark.parametrize("mode", ["mask", "wrong"])
