@@ -1,10 +1,12 @@
 """Per-phase seconds of a training step, GRPO vs AntiSD, on the embedded default (CPU is fine).
 
     python bench/step_time.py                 # 8 steps of each on the default settings
+    python bench/step_time.py --steps 12 --repeats 3   # three GRPO/AntiSD pairs: the ratio's spread
     python bench/step_time.py --steps 12 -- --max_new_tokens 96   # extra flags go to train_antisd.py
 
 Prints the mean seconds per phase over the steps after the first (which warms caches), and the
-AntiSD / GRPO step-time ratio (the target is <= 1.15).
+AntiSD / GRPO step-time ratio (the target is <= 1.15). Step times move by a few percent from run to
+run on a shared CPU, so repeat before reading much into the third digit.
 """
 
 import argparse
@@ -35,13 +37,18 @@ def measure(method: str, steps: int, extra: list[str]) -> dict[str, float]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="GRPO/AntiSD pairs to run; each pair gives one ratio")
     parser.add_argument("extra", nargs="*", help="flags passed on to train_antisd.py (after --)")
     args = parser.parse_args()
-    results = {method: measure(method, args.steps, args.extra) for method in ("grpo", "antisd")}
-    print(f"\nmean seconds per step over steps 2..{args.steps}")
-    print(f"| method | {' | '.join(PHASES)} | tokens/s | mean length |")
-    print("|---" * (len(PHASES) + 3) + "|")
-    for method, r in results.items():
-        print(f"| {method} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES) + f" | {r['tokens_per_s']:.0f} | {r['length']:.1f} |")
-    ratio = results["antisd"]["step"] / results["grpo"]["step"]
-    print(f"\nAntiSD / GRPO step time: {ratio:.3f} (target <= 1.15)")
+    ratios = []
+    for _ in range(args.repeats):
+        results = {method: measure(method, args.steps, args.extra) for method in ("grpo", "antisd")}
+        print(f"\nmean seconds per step over steps 2..{args.steps}")
+        print(f"| method | {' | '.join(PHASES)} | tokens/s | mean length |")
+        print("|---" * (len(PHASES) + 3) + "|")
+        for method, r in results.items():
+            print(f"| {method} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES) + f" | {r['tokens_per_s']:.0f} | {r['length']:.1f} |")
+        ratios.append(results["antisd"]["step"] / results["grpo"]["step"])
+        print(f"\nAntiSD / GRPO step time: {ratios[-1]:.3f} (target <= 1.15)")
+    if len(ratios) > 1:
+        print(f"\nratio over {len(ratios)} pairs: mean {statistics.fmean(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}")
