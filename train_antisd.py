@@ -1,4 +1,4 @@
-"""Anti-Self-Distillation (AntiSD) for reasoning RL, in one script (arXiv 2605.11609).
+r"""Anti-Self-Distillation (AntiSD) for reasoning RL, in one script (arXiv 2605.11609).
 
 A policy samples G solutions per math problem; a verifier scores them (GRPO advantages); the same
 model, shown a privileged context (a verified sibling solution + feedback), re-scores every
@@ -17,6 +17,7 @@ signal + gate -> update -> log/checkpoint). Importing this file does no work.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -83,7 +84,7 @@ class Config:
     gate_down_ratio: float = 0.93
     gate_reopen_ratio: float = field(default=1.0, metadata={"help": "Re-open at this x H_warm (paper 1.00; release 1.07)."})
     dataset_solution_fallback: bool = field(default=True, metadata={"help": "Show the dataset's solution when no sibling is correct."})
-    solution_max_tokens: int = field(default=1024, metadata={"help": "Shown solution budget: 25% head + 75% tail beyond it."})
+    solution_max_tokens: int = field(default=1024, metadata={"help": "Shown solution budget in tokens; a longer one keeps its first quarter and last three quarters."})
     release_max_response_tokens: int = field(default=8192, metadata={"help": "release preset: no signal on longer responses."})
     # --- optimization
     learning_rate: float = 2e-4
@@ -136,7 +137,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(Config)
+    formatter = type("HelpFormatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = HfArgumentParser(Config, description=__doc__, formatter_class=formatter)  # docstring as written, defaults shown
     first = parser.parse_args_into_dataclasses(argv)[0]  # validates the flags early
     layers = []
     if first.config:

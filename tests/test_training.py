@@ -138,6 +138,14 @@ def test_config_file_cli_overrides_and_validation(tmp_path):
         Config(lr_scheduler="constant", lr_warmup_steps=10).validate(num_processes=1)
 
 
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{name}" in text for name in Config.__dataclass_fields__)
+
+
 def test_init_from_starts_a_new_run_with_a_fresh_gate(tmp_path):
     run_script(FAST + ["--method", "grpo", "--max_steps", "1", "--output_dir", str(tmp_path / "grpo")])
     run_script(FAST + ["--method", "antisd", "--max_steps", "2", "--init_from", str(tmp_path / "grpo"),
