@@ -46,14 +46,16 @@ class Samples:
     texts: list[str]  # completions decoded without special tokens
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one [batch, longest] tensor and its attention mask, padded on `side`."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+            span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+            ids[row, span] = torch.tensor(seq)
+            mask[row, span] = 1
     return ids, mask
 
 
@@ -83,7 +85,7 @@ def sample(
     completions, truncated = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate", disable=not progress, leave=False):
         batch = prompt_ids[start:start + batch_size]
-        input_ids, attention_mask = left_pad(batch, pad_id)
+        input_ids, attention_mask = pad_batch(batch, pad_id)
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -487,13 +487,6 @@ def token_logprobs(model, input_ids, attention_mask, targets, positions, respons
     return logp, entropy
 
 
-def right_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
-    return ids, mask
-
-
 def caches_prefixes(model) -> bool:
     """Prefix KV caches can be reused by any continuation when every layer is full attention."""
     config = model.config.get_text_config(decoder=True)
@@ -515,6 +508,8 @@ def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]],
     """
     from accelerate.utils import extract_model_from_parallel
     from transformers import DynamicCache
+
+    from generation import pad_batch
 
     logp, entropy = [None] * len(responses), [None] * len(responses)
     if caches_prefixes(extract_model_from_parallel(model)):
@@ -538,7 +533,7 @@ def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]],
                                                                    pad_id, device), chunk_rows, with_entropy=True))
                       for rows in subs]
         else:
-            ids, prefix_mask = right_pad([distinct[d][:-1] for d in batch], pad_id, device)
+            ids, prefix_mask = (t.to(device) for t in pad_batch([distinct[d][:-1] for d in batch], pad_id, side="right"))
             prefix_cache = model(input_ids=ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1).cache
             cache_row = {d: r for r, d in enumerate(batch)}
             scored = []
