@@ -32,6 +32,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -102,6 +103,8 @@ class Config:
     bf16: bool = False
     gradient_checkpointing: bool = False
     logit_chunk_rows: int = field(default=1024, metadata={"help": "Token rows per chunk of the vocabulary projection."})
+    cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on CPU; 0: the machine's physical cores "
+                                                          "shared among its processes (accelerate launch alone sets 1)."})
 
     def validate(self, num_processes: int) -> None:
         problems = []
@@ -124,6 +127,8 @@ class Config:
             problems.append("--lr_scheduler constant ignores --lr_warmup_steps: use constant_with_warmup")
         if self.resume and self.init_from:
             problems.append("--resume continues a run, --init_from starts a new one: pass only one")
+        if self.cpu_threads < 0:
+            problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be >= 1")
@@ -704,6 +709,11 @@ def main(cfg: Config) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     accelerator = make_accelerator(cfg)
     cfg.validate(accelerator.num_processes)
+    if accelerator.device.type == "cpu":  # accelerate launch sets OMP_NUM_THREADS=1, leaving cores idle
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        torch.set_num_threads(cfg.cpu_threads or max(1, cores // local_processes))
+        logger.info("%d torch threads per process", torch.get_num_threads())
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     resume_from = latest_checkpoint(out) if cfg.resume else None

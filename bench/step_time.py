@@ -3,6 +3,7 @@
     python bench/step_time.py                 # 8 steps of each on the default settings
     python bench/step_time.py --steps 12 --repeats 3   # three GRPO/AntiSD pairs: the ratio's spread
     python bench/step_time.py --steps 12 -- --max_new_tokens 96   # extra flags go to train_antisd.py
+    python bench/step_time.py -- --cpu_threads 1                  # one torch thread (default: all cores)
 
 Prints the mean seconds per phase over the steps after the first (which warms caches), and the
 AntiSD / GRPO step-time ratio (the target is <= 1.15). Step times move by a few percent from run to

@@ -24,6 +24,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def cpu_threads(processes: int) -> int:
+    """What the script should use on CPU by default: this machine's physical cores shared among its processes."""
+    import psutil
+
+    return max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // processes)
+
+
 def run_script(args: list[str], env: dict | None = None, launcher: list[str] | None = None, timeout: int = 600):
     cmd = (launcher or [sys.executable]) + [str(REPO / "train_antisd.py"), *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
@@ -35,8 +42,9 @@ def run_script(args: list[str], env: dict | None = None, launcher: list[str] | N
 @pytest.mark.parametrize("method,preset", [("grpo", "paper"), ("sd", "paper"), ("sd_jsd", "paper"),
                                            ("antisd", "paper"), ("antisd", "release")])
 def test_three_real_steps(tmp_path, method, preset):
-    run_script(FAST + ["--method", method, "--preset", preset, "--max_steps", "3", "--save_steps", "0",
+    proc = run_script(FAST + ["--method", method, "--preset", preset, "--max_steps", "3", "--save_steps", "0",
                        "--output_dir", str(tmp_path)])
+    assert f"{cpu_threads(processes=1)} torch threads per process" in proc.stderr  # not the OMP_NUM_THREADS=1 above
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(SPEC_KEYS <= r.keys() for r in rows)
@@ -190,8 +198,9 @@ def test_two_process_fsdp2_train_save_resume(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
-    run_script(FAST + ["--prompts_per_step", "4", "--max_steps", "2", "--output_dir", str(tmp_path)],
-               env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}, launcher=TORCHRUN)
+    proc = run_script(FAST + ["--prompts_per_step", "4", "--max_steps", "2", "--output_dir", str(tmp_path)],
+                      env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}, launcher=TORCHRUN)
+    assert f"{cpu_threads(processes=2)} torch threads per process" in proc.stderr  # the cores shared out
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert (tmp_path / "model.safetensors").is_file()
