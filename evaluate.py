@@ -274,8 +274,8 @@ def pick_backend(backend: str) -> str:
 def transformers_generator(model_path: str, tokenizer, args):
     """generate(prompt_ids, seed) -> [(text, truncated, num_tokens)] with transformers `generate`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from checkpoints import load_causal_lm
     from generation import sample
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -283,7 +283,7 @@ def transformers_generator(model_path: str, tokenizer, args):
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    model = load_causal_lm(model_path, dtype=dtype).to(device).eval()
 
     def generate(prompt_ids: list[list[int]], seed: int):
         torch.manual_seed(seed)
@@ -337,7 +337,10 @@ def generate_missing(problems: dict, args, samples_path: Path) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    model_path = resolve_model(args.model)
+    from checkpoints import model_dir
+
+    # a training checkpoint (DDP/FSDP weights) is converted once into <output_dir>/model
+    model_path = model_dir(resolve_model(args.model), samples_path.parent / "model")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = {pid: encode_prompt(tokenizer, problems[pid], args) for pid in dict.fromkeys(pid for pid, _ in jobs)}
     context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)

@@ -3,7 +3,7 @@
 `chat_prompt_ids` renders messages with the tokenizer's own chat template; `sample` turns a list
 of prompt token ids (one entry per wanted sample: repeat a prompt G times for a group) into
 completions with transformers `generate`: left padding, sampling settings, everything after the
-first EOS cut off, truncation flagged.
+first EOS cut off, truncation flagged, and `generate` calls sized to a KV-cache token budget.
 """
 
 from __future__ import annotations
@@ -59,6 +59,23 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left") -> tu
     return ids, mask
 
 
+def token_budget_batches(prompt_lengths: list[int], max_new_tokens: int, batch_size: int,
+                         max_tokens: int | None) -> list[slice]:
+    """Consecutive batches of at most `batch_size` sequences whose KV cache, (longest prompt +
+    max_new_tokens) tokens a sequence once padded, stays within `max_tokens` (one sequence at least)."""
+    batches, start = [], 0
+    while start < len(prompt_lengths):
+        end, longest = start + 1, prompt_lengths[start]
+        while end < len(prompt_lengths) and end - start < batch_size:
+            wider = max(longest, prompt_lengths[end])
+            if max_tokens is not None and (end - start + 1) * (wider + max_new_tokens) > max_tokens:
+                break
+            end, longest = end + 1, wider
+        batches.append(slice(start, end))
+        start = end
+    return batches
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -69,13 +86,13 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 64,
-    synced_gpus: bool = False,
+    max_batch_tokens: int | None = None,
     progress: bool = False,
 ) -> Samples:
-    """Sample one completion per entry of `prompt_ids`, `batch_size` sequences per `generate` call.
-
-    `synced_gpus=True` keeps every process stepping until all are done, which a sharded (FSDP)
-    model needs: its forward is a collective. Seed torch before calling for reproducible samples.
+    """Sample one completion per entry of `prompt_ids`, in order, at most `batch_size` sequences and
+    `max_batch_tokens` KV-cache tokens per `generate` call. Seed torch before calling for
+    reproducible samples. A sharded model must hold its full weights meanwhile
+    (`distributed.full_weights_for_generation`): each process then generates on its own.
     """
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -83,8 +100,9 @@ def sample(
     was_training = model.training
     model.eval()
     completions, truncated = [], []
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate", disable=not progress, leave=False):
-        batch = prompt_ids[start:start + batch_size]
+    batches = token_budget_batches([len(p) for p in prompt_ids], max_new_tokens, batch_size, max_batch_tokens)
+    for rows in tqdm(batches, desc="generate", disable=not progress, leave=False):
+        batch = prompt_ids[rows]
         input_ids, attention_mask = pad_batch(batch, pad_id)
         out = model.generate(
             input_ids=input_ids.to(device),
@@ -96,7 +114,7 @@ def sample(
             top_k=0 if temperature > 0 else None,  # transformers defaults top_k to 50: plain sampling wants none
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
-            synced_gpus=synced_gpus,
+            synced_gpus=False,  # transformers turns it on for FSDP modules; full weights need no collective per token
         )
         for row in out[:, input_ids.shape[1]:].tolist():
             ends = [i for i, tok in enumerate(row) if tok in eos_ids]

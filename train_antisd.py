@@ -21,10 +21,8 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -32,15 +30,19 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from checkpoints import latest_checkpoint, load_causal_lm, model_dir, save_checkpoint, save_final_model
+from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
 
 logger = logging.getLogger("antisd")
 
 METHODS = ("grpo", "sd", "sd_jsd", "antisd")
 PRESETS = ("paper", "release")
+# A preset is a layer of defaults: a recipe value or a CLI flag always wins over it.
+PRESET_DEFAULTS = {"paper": {}, "release": {"gate_reopen_ratio": 1.07}}
 
 
 # =====================================================================================
@@ -72,7 +74,11 @@ class Config:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate() call."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Most sequences per generate() call."})
+    generation_kv_tokens: int = field(default=196_608, metadata={"help": "KV-cache budget of one generate() call in tokens: "
+                                      "a call takes at most this // (longest prompt + max_new_tokens) sequences. The default "
+                                      "holds 27 GiB of Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 "
+                                      "shard of the 8B recipe on an 80 GB GPU (computed, not measured)."})
     truncated_completions: str = field(default="wrong", metadata={"help": "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS."})
     verifier_workers: int = 2
     verifier_timeout_s: float = 4.0
@@ -102,7 +108,8 @@ class Config:
     # --- systems
     bf16: bool = False
     gradient_checkpointing: bool = False
-    logit_chunk_rows: int = field(default=1024, metadata={"help": "Token rows per chunk of the vocabulary projection."})
+    logit_chunk_mb: int = field(default=512, metadata={"help": "Memory for one chunk of the vocabulary projection (fp32 "
+                                "logits and their temporaries): a chunk takes as many token rows as fit."})
     cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on CPU; 0: the machine's physical cores "
                                                           "shared among its processes (accelerate launch alone sets 1)."})
 
@@ -152,15 +159,16 @@ def parse_config(argv: list[str] | None = None) -> Config:
         layers.append(Path(first.output_dir) / "config.yaml")
     known = {f for f in Config.__dataclass_fields__}
     for path in layers:
-        values = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(yaml.safe_load(path.read_text()) or {}) - known)
         if unknown:
             raise SystemExit(f"{path}: unknown config keys {unknown}")
-        parser.set_defaults(**{k: v for k, v in values.items() if k not in ("resume", "config")})
-    cfg = parser.parse_args_into_dataclasses(argv)[0]
-    if cfg.preset == "release" and "--gate_reopen_ratio" not in " ".join(argv).replace("-", "_"):
-        cfg.gate_reopen_ratio = 1.07
-    return cfg
+    values = {}
+    for path in layers:
+        values.update({k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in ("resume", "config")})
+    parser.set_defaults(**values)
+    preset = parser.parse_args_into_dataclasses(argv)[0].preset
+    parser.set_defaults(**{**PRESET_DEFAULTS.get(preset, {}), **values})  # preset < recipe < CLI flag
+    return parser.parse_args_into_dataclasses(argv)[0]
 
 
 # =====================================================================================
@@ -446,10 +454,13 @@ class ScoringHead(torch.nn.Linear):
                 out.append(torch.stack([checkpoint(self._chunk_logprobs, h, t, use_reentrant=False),
                                         torch.zeros(len(h), device=h.device)], dim=-1))
                 continue
-            logits = super().forward(h).float()
+            logits = super().forward(h).float()  # bf16 weights: bf16 logits, then fp32 from here on
             log_z = torch.logsumexp(logits, dim=-1)
             logp = logits.gather(1, t[:, None])[:, 0] - log_z
-            entropy = log_z - (torch.softmax(logits, -1) * logits).sum(-1) if req["with_entropy"] else torch.zeros_like(logp)
+            entropy = torch.zeros_like(logp)
+            if req["with_entropy"]:  # in place: at most two [rows, vocab] fp32 tensors alive
+                log_softmax = logits.sub_(log_z[:, None])
+                entropy = -log_softmax.exp().mul_(log_softmax).sum(-1)
             out.append(torch.stack([logp, entropy], dim=-1))
         return torch.cat(out) if out else rows.new_zeros((0, 2), dtype=torch.float32)
 
@@ -458,8 +469,25 @@ class ScoringHead(torch.nn.Linear):
         return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
+# Config fields of models that transform the LM head's output (Gemma-2/3 soft-capping, Cohere and
+# Granite scaling): the chunked scores read the head's raw output, so they would be silently wrong.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+LOGIT_BYTES = 3 * 4  # fp32 logits and up to two fp32 temporaries of their shape alive at once
+
+
+def logit_chunk_rows(vocab_size: int, budget_mb: int) -> int:
+    """Token rows per chunk of the vocabulary projection that fit `budget_mb`."""
+    return max(1, budget_mb * 2**20 // (vocab_size * LOGIT_BYTES))
+
+
 def install_scoring_head(model) -> None:
     """Turn the model's nn.Linear LM head into a ScoringHead (same weights, tying kept); before prepare()."""
+    config = model.config.get_text_config(decoder=True)
+    transforms = {name: getattr(config, name) for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)}
+    if transforms:
+        raise ValueError(f"{type(model).__name__} transforms its logits after the LM head ({transforms}); the chunked "
+                         "sampled-token scoring reads the raw head output and would give wrong log-probs and entropies. "
+                         "Models with logit soft-capping or scaling are not supported.")
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear and not isinstance(head, ScoringHead):
         raise TypeError(f"chunked scoring needs an nn.Linear LM head, got {type(head).__name__}")
@@ -517,6 +545,8 @@ def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]],
     from generation import pad_batch
 
     logp, entropy = [None] * len(responses), [None] * len(responses)
+    was_training = model.training
+    model.eval()  # a checkpointing model in training mode would refuse the prefix KV cache
     if caches_prefixes(extract_model_from_parallel(model)):
         index: dict[tuple, int] = {}
         owner = [index.setdefault(tuple(p), len(index)) for p in prefixes]
@@ -554,116 +584,28 @@ def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]],
         for rows, (lp, ent) in scored:
             for j, i in enumerate(rows):
                 logp[i], entropy[i] = lp[j, : len(responses[i])], ent[j, : len(responses[i])]
+    model.train(was_training)
     return logp, entropy
-
-
-# =====================================================================================
-# Checkpoints: atomic folders checkpoint-<step>; a folder only gets its name once complete
-# =====================================================================================
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    done = [p for p in Path(output_dir).glob("checkpoint-*")
-            if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def save_checkpoint(accelerator, model, tokenizer, cfg: Config, step: int, controller) -> None:
-    final = Path(cfg.output_dir) / f"checkpoint-{step}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(partial)  # with config.json below, the folder loads as a model
-        accelerator.unwrap_model(model).config.save_pretrained(partial)
-        state = {"step": step, "next_prompt": step * cfg.prompts_per_step, "controller": controller.state_dict()}
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)  # the commit point
-        for old in sorted((p for p in Path(cfg.output_dir).glob("checkpoint-*") if CHECKPOINT_RE.match(p.name)),
-                          key=lambda p: int(p.name.split("-")[1]))[: -cfg.save_total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def full_weights_dir(accelerator, path: str, output_dir: Path) -> str:
-    """A model directory for `path`: checkpoints of FSDP runs hold sharded weights, which are merged
-    once into `output_dir/init_model` (from_pretrained reads only full weights)."""
-    from accelerate.utils import merge_fsdp_weights
-    from transformers import AutoConfig, AutoTokenizer
-
-    shards = Path(path) / "pytorch_model_fsdp_0"
-    if not shards.is_dir():
-        return path
-    merged = output_dir / "init_model"
-    merge_fsdp_weights(str(shards), str(merged))  # every process calls it; the main one writes
-    if accelerator.is_main_process:
-        AutoConfig.from_pretrained(path).save_pretrained(merged)
-        AutoTokenizer.from_pretrained(path).save_pretrained(merged)
-    accelerator.wait_for_everyone()
-    return str(merged)
-
-
-def save_final_model(accelerator, model, tokenizer, output_dir: str) -> None:
-    state_dict = accelerator.get_state_dict(model)  # gathers full tensors from FSDP shards
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
 
 
 # =====================================================================================
 # Plumbing: accelerator, model, logging
 # =====================================================================================
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator, DistributedType, FullyShardedDataParallelPlugin
-    from accelerate.utils import is_tensorboard_available
-
-    trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
-    if "tensorboard" in trackers and not is_tensorboard_available():
-        trackers.remove("tensorboard")
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else None,
-                              log_with=trackers or None, project_dir=cfg.output_dir)
-    # accelerate drops an FSDP config on CPU; torch FSDP2 runs there on gloo, so honour the request.
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        os.environ.setdefault("FSDP_VERSION", "2")
-        from accelerate.state import PartialState
-
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-        accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    return accelerator
-
-
 def load_model_and_tokenizer(name_or_path: str, cfg: Config):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if name_or_path == "tiny":
         from models.build_tiny_model import ensure_tiny_model
 
         name_or_path = str(ensure_tiny_model())
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    model = load_causal_lm(name_or_path, dtype=torch.float32)  # fp32 master weights; --bf16 casts in forward
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     install_scoring_head(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False if cfg.gradient_checkpointing else model.config.use_cache
     return model, tokenizer
-
-
-def gather_floats(accelerator, values: torch.Tensor) -> torch.Tensor:
-    """All processes' 1-D float tensors, concatenated (lengths may differ)."""
-    values = values.float().to(accelerator.device)
-    padded = accelerator.pad_across_processes(values, dim=0, pad_index=float("nan"))
-    everything = accelerator.gather(padded)
-    return everything[~torch.isnan(everything)]
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
@@ -707,13 +649,10 @@ def main(cfg: Config) -> None:
     from verifiers.math import MathVerifier
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.output_dir, cfg.bf16, cfg.report_to)
     cfg.validate(accelerator.num_processes)
-    if accelerator.device.type == "cpu":  # accelerate launch sets OMP_NUM_THREADS=1, leaving cores idle
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        torch.set_num_threads(cfg.cpu_threads or max(1, cores // local_processes))
-        logger.info("%d torch threads per process", torch.get_num_threads())
+    if accelerator.device.type == "cpu":
+        logger.info("%d torch threads per process", set_cpu_threads(accelerator, cfg.cpu_threads))
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     resume_from = latest_checkpoint(out) if cfg.resume else None
@@ -728,7 +667,7 @@ def main(cfg: Config) -> None:
     # ---- data: every prompt rendered once; step k uses prompts [k*P, (k+1)*P) of a seeded order
     rows = load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
     instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
-    model, tokenizer = load_model_and_tokenizer(full_weights_dir(accelerator, cfg.init_from, out) if cfg.init_from else cfg.model, cfg)
+    model, tokenizer = load_model_and_tokenizer(model_dir(cfg.init_from, out / "init_model", accelerator) if cfg.init_from else cfg.model, cfg)
     prompts = [user_prompt(r["problem"], instruction) for r in rows]
     prompt_ids = [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
 
@@ -747,6 +686,8 @@ def main(cfg: Config) -> None:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps * cfg.ppo_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()  # from_pretrained leaves eval mode; layers are only recomputed (--gradient_checkpointing) in training mode
+    chunk_rows = logit_chunk_rows(model.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: accelerate would step it per process
     if cfg.preset == "paper":
         controller = EntropyGate(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.lambda_max, cfg.gate_reopen_ratio)
@@ -772,6 +713,9 @@ def main(cfg: Config) -> None:
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     uses_teacher = cfg.method != "grpo"
     gated = uses_teacher and (cfg.preset == "release" or cfg.gate == "entropy")
+    def trainer_state(step: int) -> dict:
+        return {"next_prompt": step * cfg.prompts_per_step, "controller": controller.state_dict()}
+
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=not accelerator.is_main_process, desc="train")
 
@@ -782,9 +726,10 @@ def main(cfg: Config) -> None:
         t0 = time.perf_counter()
         batch_rows = step_prompts(step)
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        rollout = sample(unwrapped, tokenizer, [prompt_ids[i] for i in batch_rows for _ in range(cfg.group_size)],
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                         batch_size=cfg.generation_batch_size, synced_gpus=accelerator.is_fsdp2 and world > 1)
+        with full_weights_for_generation(model):  # FSDP2: shards gathered once per step, freed before the update
+            rollout = sample(unwrapped, tokenizer, [prompt_ids[i] for i in batch_rows for _ in range(cfg.group_size)],
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                             batch_size=cfg.generation_batch_size, max_batch_tokens=cfg.generation_kv_tokens)
         timings["generate"] = time.perf_counter() - t0
 
         # ---- reward and GRPO advantages (groups never straddle processes)
@@ -810,7 +755,7 @@ def main(cfg: Config) -> None:
             rendered = {c: teacher_prompt_ids(tokenizer, cfg, prompts[c[0]], c[1], c[2]) for c in set(contexts)}
             teacher_prompts = [rendered[c] for c in contexts]
             teacher_logp, teacher_entropy = teacher_scores(
-                model, teacher_prompts, rollout.completion_ids, pad_id, device, cfg.score_batch_size, cfg.logit_chunk_rows,
+                model, teacher_prompts, rollout.completion_ids, pad_id, device, cfg.score_batch_size, chunk_rows,
                 agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()))
         timings["teacher"] = time.perf_counter() - t0
 
@@ -843,7 +788,7 @@ def main(cfg: Config) -> None:
                                                                [rollout.completion_ids[i] for i in idx], pad_id, device)
                 sync = k == len(micro_batches) - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
-                    logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, cfg.logit_chunk_rows)
+                    logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows)
                     if epoch == 0:  # parameters have not moved yet: this pass is the behaviour policy
                         old_logp[k] = logp.detach()
                     signal = torch.zeros_like(logp)
@@ -924,10 +869,10 @@ def main(cfg: Config) -> None:
 
         # ---- checkpoint
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(accelerator, model, tokenizer, cfg, step + 1, controller)
+            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step + 1, trainer_state(step + 1), cfg.save_total_limit)
 
-    save_checkpoint(accelerator, model, tokenizer, cfg, cfg.max_steps, controller)
-    save_final_model(accelerator, model, tokenizer, cfg.output_dir)
+    save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, cfg.max_steps, trainer_state(cfg.max_steps), cfg.save_total_limit)
+    save_final_model(accelerator, model, tokenizer, cfg.output_dir, torch.bfloat16 if cfg.bf16 else torch.float32)
     if accelerator.is_main_process:
         plot_metrics(metrics_path, out / "metrics.png")
         logger.info("done: model in %s, metrics in %s", out, metrics_path)

@@ -12,8 +12,9 @@ import sys
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from train_antisd import (Config, combine_advantages, install_scoring_head, loss_weights, make_accelerator, pack_sequences,
-                          ppo_clip_loss, teacher_scores, token_logprobs, token_signal)
+from distributed import make_accelerator
+from train_antisd import (combine_advantages, install_scoring_head, loss_weights, pack_sequences, ppo_clip_loss,
+                          teacher_scores, token_logprobs, token_signal)
 
 PROMPTS = [[1, 2], [3, 4, 5], [6], [7, 8], [9, 1, 2], [3]]
 RESPONSES = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19], [20, 21, 22, 23], [24, 25]]
@@ -31,7 +32,7 @@ def loss_of(model, idx, total_tokens, total_seqs, aggregation, scale=1.0):
 
 
 def main():
-    accelerator = make_accelerator(Config(report_to="none", output_dir="/tmp/antisd-grad-check"))
+    accelerator = make_accelerator("/tmp/antisd-grad-check", bf16=False, report_to="none")
     assert accelerator.is_fsdp2, accelerator.distributed_type
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
