@@ -18,7 +18,7 @@ Reading order: args -> load problems -> generate (resumable) -> score -> write r
   missing (a killed run loses at most the batch in flight). Each batch is seeded from `--seed` and
   its first sample, so reruns reproduce it.
 - Scoring: math answers by `verifiers.math.MathVerifier` (last `\\boxed{}` vs the gold, math-verify in
-  killable worker processes); MBPP+ by `verifiers.code.check_mbpp_sample` (evalplus sanitize, base and
+  killable worker processes); MBPP+ by `verifiers.mbpp.check_mbpp_sample` (evalplus sanitize, base and
   plus tests in a sandbox; a sample counts only if both pass). Garbage scores 0.
 - `results.json`: `{"bench", "n", "num_problems", "avg", "pass_at_k": {"1": ..}, "problems": [{"id",
   "n", "correct", ...}], ...}`. `avg` = mean over problems of correct/n; pass@k is the unbiased
@@ -179,7 +179,7 @@ def load_problems(args) -> list[dict]:
     """Rows {id, problem, answer, ...} of the benchmark (MBPP+ rows carry their evalplus `task`)."""
     if args.bench != CODE_BENCH:
         return load_benchmark(args.bench, args.data_file, skip_bad_rows=args.skip_bad_rows)
-    from verifiers.code import load_mbpp_plus
+    from verifiers.mbpp import load_mbpp_plus
 
     try:
         tasks = load_mbpp_plus(args.data_file)
@@ -381,7 +381,7 @@ def score_mbpp(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
 
     from tqdm.auto import tqdm
 
-    from verifiers.code import check_mbpp_sample, mbpp_groundtruth
+    from verifiers.mbpp import check_mbpp_sample, mbpp_groundtruth
 
     tasks = {pid: problems[pid]["task"] for pid in grouped}
     expected = mbpp_groundtruth(tasks, args.cache_dir, progress=True)
