@@ -42,12 +42,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark, user_prompt
+from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark
+from prompts import EVALPLUS_INSTRUCTION, code_prompt, user_prompt
 
 CODE_BENCH = "mbppplus"
 BENCH_CHOICES = sorted([*BENCHMARKS, CODE_BENCH])
-EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
-                        "in a markdown code block:")
 TINY_DEFAULT_MAX_NEW_TOKENS = 256  # the embedded model writes ~53 tokens (models/tiny-qwen3/build_info.json)
 DEFAULT_MAX_NEW_TOKENS = 4096
 # Settings that shape the samples: resuming into an output_dir made with other values is refused.
@@ -191,8 +190,7 @@ def load_problems(args) -> list[dict]:
 
 def prompt_text(row: dict, args) -> str:
     if args.bench == CODE_BENCH:
-        code = f"```\n{row['problem'].strip()}\n```\n"
-        return f"{args.instruction}\n{code}" if args.instruction else code
+        return code_prompt(row["problem"], args.instruction)
     return user_prompt(row["problem"], args.instruction)
 
 

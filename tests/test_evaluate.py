@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from data.loading import BOXED_INSTRUCTION
 from evaluate import main, pass_at_k, summarize
+from prompts import BOXED_INSTRUCTION
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
