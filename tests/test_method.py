@@ -128,6 +128,9 @@ def test_privileged_context_choice_and_template():
     msg = teacher_user_message("P?", "S", "Your answer is incorrect.")
     assert msg == "P?\nYour previous attempt:\n\nS\n\n\nPrevious assessment: Your answer is incorrect.\n\n\nNow solve this problem step by step.\n"
     assert "previous attempt" not in teacher_user_message("P?", None, "Your answer is correct.")
+    from prompts import answer_feedback, code_feedback
+    assert (answer_feedback(True), answer_feedback(False)) == ("Your answer is correct.", "Your answer is incorrect.")
+    assert code_feedback(3, 5) == "Your code passes 3 of 5 test cases."
 
 
 CUT_CASES = [  # (text, golds): the teacher is shown the text cut after the box the verifier grades
