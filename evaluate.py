@@ -18,7 +18,7 @@ Reading order: args -> load problems -> generate (resumable) -> score -> write r
   missing (a killed run loses at most the batch in flight). Each batch is seeded from `--seed` and
   its first sample, so reruns reproduce it.
 - Scoring: math answers by `verifiers.math.MathVerifier` (last `\\boxed{}` vs the gold, math-verify in
-  killable worker processes); MBPP+ by `verifiers.code.check_mbpp_sample` (evalplus sanitize, base and
+  killable worker processes); MBPP+ by `verifiers.mbpp.check_mbpp_sample` (evalplus sanitize, base and
   plus tests in a sandbox; a sample counts only if both pass). Garbage scores 0.
 - `results.json`: `{"bench", "n", "num_problems", "avg", "pass_at_k": {"1": ..}, "problems": [{"id",
   "n", "correct", ...}], ...}`. `avg` = mean over problems of correct/n; pass@k is the unbiased
@@ -42,12 +42,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark, user_prompt
+from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark
+from prompts import EVALPLUS_INSTRUCTION, code_prompt, user_prompt
 
 CODE_BENCH = "mbppplus"
 BENCH_CHOICES = sorted([*BENCHMARKS, CODE_BENCH])
-EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
-                        "in a markdown code block:")
 TINY_DEFAULT_MAX_NEW_TOKENS = 256  # the embedded model writes ~53 tokens (models/tiny-qwen3/build_info.json)
 DEFAULT_MAX_NEW_TOKENS = 4096
 # Settings that shape the samples: resuming into an output_dir made with other values is refused.
@@ -179,7 +178,7 @@ def load_problems(args) -> list[dict]:
     """Rows {id, problem, answer, ...} of the benchmark (MBPP+ rows carry their evalplus `task`)."""
     if args.bench != CODE_BENCH:
         return load_benchmark(args.bench, args.data_file, skip_bad_rows=args.skip_bad_rows)
-    from verifiers.code import load_mbpp_plus
+    from verifiers.mbpp import load_mbpp_plus
 
     try:
         tasks = load_mbpp_plus(args.data_file)
@@ -191,8 +190,7 @@ def load_problems(args) -> list[dict]:
 
 def prompt_text(row: dict, args) -> str:
     if args.bench == CODE_BENCH:
-        code = f"```\n{row['problem'].strip()}\n```\n"
-        return f"{args.instruction}\n{code}" if args.instruction else code
+        return code_prompt(row["problem"], args.instruction)
     return user_prompt(row["problem"], args.instruction)
 
 
@@ -384,7 +382,7 @@ def score_mbpp(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
 
     from tqdm.auto import tqdm
 
-    from verifiers.code import check_mbpp_sample, mbpp_groundtruth
+    from verifiers.mbpp import check_mbpp_sample, mbpp_groundtruth
 
     tasks = {pid: problems[pid]["task"] for pid in grouped}
     expected = mbpp_groundtruth(tasks, args.cache_dir, progress=True)

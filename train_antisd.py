@@ -36,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from checkpoints import latest_checkpoint, load_causal_lm, model_dir, save_checkpoint, save_final_model
 from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
+from prompts import answer_feedback, teacher_user_message, user_prompt
+from verifiers.math import last_boxed_span
 
 logger = logging.getLogger("antisd")
 
@@ -330,31 +332,12 @@ def loss_weights(mask: torch.Tensor, aggregation: str, total_tokens: float, tota
 # =====================================================================================
 # Privileged context (paper App. C): a verified sibling solution + feedback on the own attempt
 # =====================================================================================
-FEEDBACK_CORRECT = "Your answer is correct."
-FEEDBACK_INCORRECT = "Your answer is incorrect."
-BOXED_END = re.compile(r"\\boxed\s*\{")
-
-
-def teacher_user_message(prompt: str, solution: str | None, feedback: str) -> str:
-    """The teacher's user turn (SPEC §1): prompt, then the shown solution if any, then feedback."""
-    message = prompt
-    if solution is not None:
-        message += f"\nYour previous attempt:\n\n{solution}\n\n"
-    message += f"\nPrevious assessment: {feedback}\n"
-    return message + "\n\nNow solve this problem step by step.\n"
-
-
+# The texts (teacher_user_message, the feedback lines) live in prompts.py.
 def cut_after_last_boxed(text: str) -> str:
-    """Drop what follows the last complete \\boxed{...} (the answer the verifier accepted)."""
-    end = None
-    for match in BOXED_END.finditer(text):
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            end = i
-    return text if end is None else text[:end]
+    """Drop what follows the box the verifier grades (verifiers.math.last_boxed_span); unchanged
+    when the verifier sees no answer in it."""
+    span = last_boxed_span(text)
+    return text if span is None else text[:span[1]]
 
 
 def fit_token_budget(text: str, tokenizer, max_tokens: int) -> str:
@@ -396,8 +379,7 @@ def teacher_prompt_ids(tokenizer, cfg: Config, prompt: str, solution: str | None
 
     if solution is not None:
         solution = fit_token_budget(cut_after_last_boxed(solution), tokenizer, cfg.solution_max_tokens)
-    feedback = FEEDBACK_CORRECT if correct else FEEDBACK_INCORRECT
-    messages = chat_messages(teacher_user_message(prompt, solution, feedback), cfg.system_prompt)
+    messages = chat_messages(teacher_user_message(prompt, solution, answer_feedback(correct)), cfg.system_prompt)
     return chat_prompt_ids(tokenizer, messages, cfg.enable_thinking)
 
 
@@ -644,7 +626,7 @@ def main(cfg: Config) -> None:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from data.loading import default_instruction, load_math_dataset, user_prompt
+    from data.loading import default_instruction, load_math_dataset
     from generation import chat_messages, chat_prompt_ids, sample
     from verifiers.math import MathVerifier
 

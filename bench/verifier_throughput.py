@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from verifiers.math import MathVerifier, answer_region, extract_boxed  # noqa: E402
+from verifiers.math import MathVerifier, graded_answer  # noqa: E402
 
 FILLER = (
     "Let us consider the constraint again. Substituting $x = 2y + 1$ into the second equation "
@@ -120,7 +120,7 @@ def main() -> None:
         scores = v.score(comps, golds)
         dt = time.perf_counter() - t0
         agree = sum(s == e for s, e in zip(scores, expect))
-        distinct = len({(extract_boxed(answer_region(c)), g) for c, g in zip(comps, golds)})
+        distinct = len({(graded_answer(c), g) for c, g in zip(comps, golds)})
         print(f"throughput: {args.n} checks in {dt:.2f} s = {args.n / dt:.0f} checks/s "
               f"({args.num_workers} workers, avg {avg_len:.0f} chars/completion, {distinct} distinct "
               f"(boxed answer, gold) pairs, "

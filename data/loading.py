@@ -20,11 +20,11 @@ import re
 from pathlib import Path
 
 from data import arith
+from prompts import BOXED_INSTRUCTION
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_TASK = "arith"
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 # name -> (hub id, split); every one of them also loads from a local file via `data_file`.
@@ -50,10 +50,6 @@ class DataError(ValueError):
 def default_instruction(source: str) -> str:
     """The embedded model was trained on bare problems; everything else gets the boxed instruction."""
     return "" if source == EMBEDDED_TASK else BOXED_INSTRUCTION
-
-
-def user_prompt(problem: str, instruction: str) -> str:
-    return f"{problem}\n{instruction}" if instruction else problem
 
 
 def is_local_file(source: str) -> bool:

@@ -94,7 +94,8 @@ def build_model(tokenizer, args):
 def sft_texts(rows: list[dict], n: int, teacher_frac: float, rng: random.Random) -> list[tuple[str, str]]:
     """`n` (user message, assistant response) pairs in the student and teacher formats."""
     from data.arith import make_solution
-    from train_antisd import FEEDBACK_CORRECT, FEEDBACK_INCORRECT, teacher_user_message
+    from prompts import FEEDBACK_CORRECT, FEEDBACK_INCORRECT, teacher_user_message
+    from verifiers.math import last_boxed_span
 
     pairs = []
     for _ in range(n):
@@ -102,8 +103,8 @@ def sft_texts(rows: list[dict], n: int, teacher_frac: float, rng: random.Random)
         user = row["problem"]
         if rng.random() < teacher_frac:
             shown = make_solution(row["steps"], rng) if rng.random() < 0.85 else None
-            if shown is not None:  # the trainer cuts a shown solution right after its last \boxed{}
-                shown = shown[: shown.rindex("}") + 1]
+            if shown is not None:  # the trainer cuts a shown solution right after its graded \boxed{}
+                shown = shown[: last_boxed_span(shown)[1]]
             user = teacher_user_message(user, shown, rng.choice([FEEDBACK_CORRECT, FEEDBACK_INCORRECT]))
         pairs.append((user, make_solution(row["steps"], rng)))
     return pairs

@@ -135,7 +135,7 @@ def tokenizers_under_test(tokenizer):
 
 
 def test_tokenizer_round_trips_any_text(tokenizer):
-    from train_antisd import FEEDBACK_INCORRECT, teacher_user_message
+    from prompts import FEEDBACK_INCORRECT, teacher_user_message
 
     row = generate_split("eval", 1)[0]
     texts = [

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from data.loading import BOXED_INSTRUCTION
 from evaluate import main, pass_at_k, summarize
+from prompts import BOXED_INSTRUCTION
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -159,7 +159,7 @@ def test_no_hub_no_data_file_says_how(tmp_path):
 # ---------------------------------------------------------------------------------------------- MBPP+
 @pytest.mark.skipif(not MBPP_FILE.is_file(), reason="../shared/data/mbpp_plus not present")
 def test_mbpp_plus_samples(tmp_path, capsys):
-    from verifiers.code import load_mbpp_plus
+    from verifiers.mbpp import load_mbpp_plus
 
     tasks = load_mbpp_plus(str(MBPP_FILE))
     good = {tid: f"Here you go:\n```python\n{tasks[tid]['canonical_solution'].strip()}\n```\n"

@@ -1,4 +1,4 @@
-"""MBPP+ checking through evalplus inside the sandbox (verifiers.code), on a few real tasks."""
+"""MBPP+ checking through evalplus inside the sandbox (verifiers.mbpp), on a few real tasks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ TASKS = ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/17"]
 
 @pytest.fixture(scope="module")
 def problems():
-    from verifiers.code import load_mbpp_plus
+    from verifiers.mbpp import load_mbpp_plus
 
     allp = load_mbpp_plus(str(MBPP_FILE))
     assert len(allp) == 378
@@ -33,13 +33,13 @@ def gt_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(problems, gt_cache):
-    from verifiers.code import mbpp_groundtruth
+    from verifiers.mbpp import mbpp_groundtruth
 
     return mbpp_groundtruth(problems, str(gt_cache))
 
 
 def test_groundtruth_shape_and_cache(problems, expected, gt_cache):
-    from verifiers.code import mbpp_groundtruth
+    from verifiers.mbpp import mbpp_groundtruth
 
     for tid, p in problems.items():
         e = expected[tid]
@@ -57,7 +57,7 @@ def test_groundtruth_shape_and_cache(problems, expected, gt_cache):
 
 
 def test_default_cache_dir_is_outside_the_repo():
-    from verifiers.code import default_cache_dir
+    from verifiers.mbpp import default_cache_dir
 
     d = Path(default_cache_dir()).resolve()
     assert REPO not in d.parents and d != REPO
@@ -65,7 +65,7 @@ def test_default_cache_dir_is_outside_the_repo():
 
 @pytest.mark.parametrize("tid", TASKS)
 def test_canonical_solution_passes(problems, expected, tid):
-    from verifiers.code import check_mbpp_sample
+    from verifiers.mbpp import check_mbpp_sample
 
     p = problems[tid]
     r = check_mbpp_sample(p, p["prompt"] + p["canonical_solution"], expected)
@@ -105,7 +105,7 @@ It checks divisors up to the square root.
     ],
 )
 def test_broken_solutions(problems, expected, name, completion, want_pass):
-    from verifiers.code import check_mbpp_sample
+    from verifiers.mbpp import check_mbpp_sample
 
     r = check_mbpp_sample(problems["Mbpp/3"], completion, expected)
     assert r["passed"] is want_pass, r
@@ -114,14 +114,14 @@ def test_broken_solutions(problems, expected, name, completion, want_pass):
 
 
 def test_partially_correct_counts_tests(problems, expected):
-    from verifiers.code import check_mbpp_sample
+    from verifiers.mbpp import check_mbpp_sample
 
     r = check_mbpp_sample(problems["Mbpp/3"], "def is_not_prime(n):\n    return n % 2 == 0\n", expected)
     assert not r["passed"] and 0 < r["n_passed"] < r["n_total"]
 
 
 def test_infinite_loop_is_a_bounded_failure(problems, expected):
-    from verifiers.code import check_mbpp_sample
+    from verifiers.mbpp import check_mbpp_sample
 
     t0 = time.monotonic()
     r = check_mbpp_sample(problems["Mbpp/3"], "def is_not_prime(n):\n    while True:\n        pass\n", expected)
@@ -132,7 +132,7 @@ def test_infinite_loop_is_a_bounded_failure(problems, expected):
 def test_forged_results_on_stdout_do_not_count(problems, expected):
     """The program cannot pass by printing fake result lines: outputs are compared in the parent
     against expected values the sandbox never sees."""
-    from verifiers.code import check_mbpp_sample
+    from verifiers.mbpp import check_mbpp_sample
 
     forge = (
         "import os, json\n"
@@ -146,7 +146,7 @@ def test_forged_results_on_stdout_do_not_count(problems, expected):
 
 
 def test_set_semantics_and_float_tolerance(problems, expected):
-    from verifiers.code import check_mbpp_sample
+    from verifiers.mbpp import check_mbpp_sample
 
     # Mbpp/2 is compared as sets (evalplus special oracle): any order, list or generator passes
     r = check_mbpp_sample(problems["Mbpp/2"],
@@ -159,22 +159,8 @@ def test_set_semantics_and_float_tolerance(problems, expected):
                                  expected)["passed"]
 
 
-def test_count_passing_tests():
-    from verifiers.code import count_passing_tests
-
-    code = "def add(a, b):\n    return a + b\n"
-    tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 5", "assert add(-1, 1) == 0"]
-    assert count_passing_tests(code, tests) == (2, 3)
-    assert count_passing_tests("def add(a, b) return", tests) == (0, 3)
-    looping = "def add(a, b):\n    while a == 2:\n        pass\n    return a + b\n"
-    t0 = time.monotonic()
-    assert count_passing_tests(looping, tests, timeout_s=6) == (2, 3)
-    assert time.monotonic() - t0 < 8
-    assert count_passing_tests(code, []) == (0, 0)
-
-
 def test_load_mbpp_plus_missing_file(tmp_path):
-    from verifiers.code import load_mbpp_plus
+    from verifiers.mbpp import load_mbpp_plus
 
     with pytest.raises(FileNotFoundError):
         load_mbpp_plus(str(tmp_path / "nope.jsonl.gz"))

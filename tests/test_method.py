@@ -128,7 +128,49 @@ def test_privileged_context_choice_and_template():
     msg = teacher_user_message("P?", "S", "Your answer is incorrect.")
     assert msg == "P?\nYour previous attempt:\n\nS\n\n\nPrevious assessment: Your answer is incorrect.\n\n\nNow solve this problem step by step.\n"
     assert "previous attempt" not in teacher_user_message("P?", None, "Your answer is correct.")
+    from prompts import answer_feedback, code_feedback
+    assert (answer_feedback(True), answer_feedback(False)) == ("Your answer is correct.", "Your answer is incorrect.")
+    assert code_feedback(3, 5) == "Your code passes 3 of 5 test cases."
 
+
+CUT_CASES = [  # (text, golds): the teacher is shown the text cut after the box the verifier grades
+    ("first \\boxed{3}. Wait: \\fbox{4}.", ["3", "4"]),
+    ("so \\boxed{1} then \\boxed{\\frac{1}{2}} trailing", ["1", "1/2", "0.5"]),
+    ("nested \\boxed{\\boxed{5}} and {braces \\boxed{{6}}} end", ["5", "6"]),
+    ("escaped \\boxed{\\{1,2\\}} and spaced \\boxed {7}. done", ["7", "\\{1,2\\}"]),
+    ("<think>maybe \\boxed{1}</think> so \\boxed{2}.", ["1", "2"]),
+    ("<think>\\boxed{7}</think> and no box after", ["7"]),
+    ("a</think>b \\boxed{8}</think>c \\boxed{9} !", ["8", "9"]),
+    ("no box, the answer is 5", ["5"]),
+    ("\\boxed{3} and then \\boxed{\\frac{1}{2}", ["3", "1/2"]),  # last box truncated: no answer
+    ("\\boxed\n{5} on the next line", ["5"]),
+    ("\\boxed{9}" + " x" * 1500, ["9"]),  # the box lies before the tail the verifier reads
+    ("y" * 3000 + " \\boxed{9} tail", ["9"]),
+]
+
+
+@pytest.mark.parametrize("text, golds", CUT_CASES)
+def test_cut_after_graded_box_keeps_the_grade(text, golds):
+    from verifiers.math import is_correct, last_boxed_span
+
+    cut = cut_after_last_boxed(text)
+    span = last_boxed_span(text)
+    if span is None:
+        assert cut == text
+    else:
+        assert cut == text[:span[1]] and cut.endswith(text[span[0]:span[1]])
+        assert last_boxed_span(cut) == span  # the cut text's graded box is the same box
+    for gold in golds:
+        assert is_correct(cut, gold) == is_correct(text, gold), (text, gold)
+
+
+def test_cut_example_from_the_issue():
+    from verifiers.math import is_correct
+
+    text = "first \\boxed{3}. Wait: \\fbox{4}."
+    assert cut_after_last_boxed(text) == "first \\boxed{3}. Wait: \\fbox{4}"
+    assert is_correct(text, "4") and is_correct(cut_after_last_boxed(text), "4")
+    assert not is_correct(text, "3") and not is_correct(cut_after_last_boxed(text), "3")
 
 @pytest.fixture(scope="module")
 def small_model():

@@ -1,4 +1,4 @@
-"""Hostile programs must be contained and scored by verifiers.code.run_sandboxed without harming
+"""Hostile programs must be contained and scored by verifiers.sandbox.run_sandboxed without harming
 the machine. Assertions that depend on a protection the host lacks are skipped (see
 sandbox_capabilities())."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from verifiers.code import run_sandboxed, sandbox_capabilities
+from verifiers.sandbox import run_sandboxed, sandbox_capabilities
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -283,7 +283,10 @@ def test_value_codec_round_trips_and_untrusted_outputs():
 
     import numpy as np
 
-    from verifiers.code import _dec, _dec_result, _enc, _Opaque
+    from verifiers.sandbox_harness import Opaque as _Opaque
+    from verifiers.sandbox_harness import decode_output as _dec_result
+    from verifiers.sandbox_harness import decode_value as _dec
+    from verifiers.sandbox_harness import encode_value as _enc
 
     value = [1, (2.5, "x"), {3, 4}, frozenset({5}), {"k": b"\x00\xff"}, 1 + 2j, 7**5000, None, True]
     assert _dec(json.loads(json.dumps(_enc(value)))) == value

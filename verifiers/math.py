@@ -49,6 +49,8 @@ __all__ = [
     "MathVerifier",
     "extract_boxed",
     "answer_region",
+    "last_boxed_span",
+    "graded_answer",
     "is_correct",
     "gold_parses",
     "TAIL_CHARS",
@@ -70,29 +72,29 @@ _BOX_CMDS = ("\\boxed", "\\fbox")
 # Pure helpers (no math_verify needed)
 # --------------------------------------------------------------------------------------------
 
+def answer_region_start(text: str, tail_chars: int = TAIL_CHARS) -> int:
+    """Where the answer region begins: after the last ``</think>`` (0 if none), and no earlier than
+    ``tail_chars`` characters before the end."""
+    idx = text.rfind("</think>")
+    start = idx + len("</think>") if idx >= 0 else 0
+    if tail_chars is not None and tail_chars > 0 and len(text) - start > tail_chars:
+        start = len(text) - tail_chars
+    return start
+
+
 def answer_region(text: str, tail_chars: int = TAIL_CHARS) -> str:
     """Text after the last ``</think>`` (whole text if none), cut to its last ``tail_chars`` chars."""
-    idx = text.rfind("</think>")
-    if idx >= 0:
-        text = text[idx + len("</think>"):]
-    if tail_chars is not None and tail_chars > 0 and len(text) > tail_chars:
-        text = text[-tail_chars:]
-    return text
+    return text[answer_region_start(text, tail_chars):]
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last top-level ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, else None.
-
-    Linear time. Braces are matched with a stack; a backslash escapes the next character, so
-    ``\\{`` and ``\\}`` are literal. A box nested inside another (closed) box is not top-level.
-    If the last top-level box is never closed, returns None (the final answer is truncated).
-    ``\\boxed {x}`` (spaces before the brace) is accepted; ``\\boxed x`` is not.
-    """
+def _last_top_level_box(text: str) -> tuple[int, int] | None:
+    """(start of the command, end after the closing brace) of the last top-level box in ``text``;
+    None if there is none or it is never closed. See :func:`extract_boxed` for the rules."""
     if not text or ("\\boxed" not in text and "\\fbox" not in text):
         return None
     n = len(text)
-    # Positions of the opening brace of each box command.
-    opens: list[int] = []
+    # Opening brace of each box command -> where the command starts.
+    command_at: dict[int, int] = {}
     for cmd in _BOX_CMDS:
         start = text.find(cmd)
         while start >= 0:
@@ -102,12 +104,11 @@ def extract_boxed(text: str) -> str | None:
                 while j < n and text[j] in " \t":
                     j += 1
                 if j < n and text[j] == "{":
-                    opens.append(j)
+                    command_at[j] = start
             start = text.find(cmd, start + 1)
-    if not opens:
+    if not command_at:
         return None
-    opens.sort()
-    wanted = set(opens)
+    opens = sorted(command_at)
     # Single pass matching of every structural brace.
     match: dict[int, int] = {}
     stack: list[int] = []
@@ -121,7 +122,7 @@ def extract_boxed(text: str) -> str | None:
             stack.append(i)
         elif ch == "}" and stack:
             o = stack.pop()
-            if o in wanted:
+            if o in command_at:
                 match[o] = i
         i += 1
     # Top-level boxes: not inside the span of an earlier closed box.
@@ -135,7 +136,40 @@ def extract_boxed(text: str) -> str | None:
             covered_until = match[o]
     if last_top is None or last_top not in match:
         return None
-    return text[last_top + 1: match[last_top]]
+    return command_at[last_top], match[last_top] + 1
+
+
+def _box_content(box: str) -> str:
+    """``\\boxed{x}`` -> ``x``."""
+    return box[box.index("{") + 1:-1]
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last top-level ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, else None.
+
+    Linear time. Braces are matched with a stack; a backslash escapes the next character, so
+    ``\\{`` and ``\\}`` are literal. A box nested inside another (closed) box is not top-level.
+    If the last top-level box is never closed, returns None (the final answer is truncated).
+    ``\\boxed {x}`` (spaces before the brace) is accepted; ``\\boxed x`` is not.
+    """
+    span = _last_top_level_box(text)
+    return None if span is None else _box_content(text[span[0]:span[1]])
+
+
+def last_boxed_span(text: str, tail_chars: int = TAIL_CHARS) -> tuple[int, int] | None:
+    """(start, end) in ``text`` of the box the verifier grades, e.g. ``text[start:end] ==
+    "\\boxed{3}"``: the last top-level box of the answer region (:func:`answer_region`), found
+    as :func:`extract_boxed` finds it. None when the verifier sees no answer. Cutting ``text`` at
+    ``end`` keeps that box graded and the grade unchanged (what the teacher is shown)."""
+    start = answer_region_start(text, tail_chars)
+    span = _last_top_level_box(text[start:])
+    return None if span is None else (start + span[0], start + span[1])
+
+
+def graded_answer(completion: str, tail_chars: int = TAIL_CHARS) -> str | None:
+    """The content of the box the verifier grades (:func:`last_boxed_span`), else None."""
+    span = last_boxed_span(completion, tail_chars)
+    return None if span is None else _box_content(completion[span[0]:span[1]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +221,7 @@ def is_correct(completion: str, gold: str, tail_chars: int = TAIL_CHARS) -> bool
     Never raises; any error counts as incorrect.
     """
     try:
-        content = extract_boxed(answer_region(completion, tail_chars))
+        content = graded_answer(completion, tail_chars)
         if content is None:
             return False
         return _verify_content(content, str(gold), _mv_timeout(int(DEFAULT_TIMEOUT_S)))
@@ -426,7 +460,7 @@ class MathVerifier:
         for i, (c, g) in enumerate(zip(completions, golds)):
             if not isinstance(c, str) or g is None:
                 continue
-            content = extract_boxed(answer_region(c, self.tail_chars))
+            content = graded_answer(c, self.tail_chars)
             if content is None:  # no boxed answer: 0.0 without a round trip
                 continue
             jobs.append((i, ("check", content, str(g))))
