@@ -29,7 +29,6 @@ Reading order: args -> load problems -> generate (resumable) -> score -> write r
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -38,10 +37,12 @@ import socket
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cli import parse_layered
 from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark
 from prompts import EVALPLUS_INSTRUCTION, code_prompt, user_prompt
 
@@ -106,55 +107,75 @@ def markdown_table(results: dict) -> str:
 # =====================================================================================
 # Arguments
 # =====================================================================================
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bench", required=True, choices=BENCH_CHOICES, help="benchmark ('arith' is the embedded task)")
-    p.add_argument("--model", help="HF model id or local path; 'tiny' = the embedded model (models/tiny-qwen3). "
-                                   "Not needed with --samples")
-    p.add_argument("--data_file", help="local .jsonl/.parquet with {id, problem, answer} instead of the hub; "
-                                       "for mbppplus an evalplus-format MbppPlus .jsonl[.gz]")
-    p.add_argument("--samples", help="score the completions in this samples file (jsonl with id, completion) "
-                                     "instead of generating; scores exactly the problems in it")
-    p.add_argument("--output_dir", help="where samples.jsonl, results.json, settings.json go; default "
-                                        "outputs/eval/<bench>-<model> (with --samples: the samples file's folder)")
-    p.add_argument("--n", type=int, default=4, help="samples per problem")
-    p.add_argument("--k", type=int, nargs="+", help="k values for pass@k (default: 1 and n)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--max_new_tokens", type=int, help=f"generation budget per sample; default "
-                   f"{TINY_DEFAULT_MAX_NEW_TOKENS} for --model tiny, else {DEFAULT_MAX_NEW_TOKENS}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system_prompt", help="system message (default: none)")
-    p.add_argument("--instruction", help="appended to each problem; default: the boxed instruction for math "
-                                         "benches, none for arith, evalplus's instruction for mbppplus ('' = none)")
-    p.add_argument("--enable_thinking", action=argparse.BooleanOptionalAction, default=None,
-                   help="passed to chat templates that read it (Qwen3); default: the template's own default")
-    p.add_argument("--batch_size", type=int, help="sequences per generate call (default: 32 transformers, 512 vllm)")
-    p.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="auto",
-                   help="auto: vllm if it is installed and a GPU is present, else transformers")
-    p.add_argument("--limit", type=int, help="only the first N problems of the benchmark (smoke tests)")
-    p.add_argument("--cache_dir", help="evalplus ground-truth cache (default ~/.cache/antisd/evalplus)")
-    p.add_argument("--skip_bad_rows", action="store_true", help="drop (and count) rows with a missing field or "
-                                                                "unparsable gold instead of failing")
-    p.add_argument("--num_threads", type=int, help="torch CPU threads; default 1 for --model tiny (its matrices are "
-                                                   "too small to split, and on a busy machine more threads wait on "
-                                                   "each other), else torch's default")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="verifier processes")
-    args = p.parse_args(argv)
-    if args.samples is None and not args.model:
-        p.error("--model is required unless --samples is given")
-    if args.n < 1 or (args.k and min(args.k) < 1) or (args.limit is not None and args.limit < 1):
-        p.error("--n, --k and --limit must be >= 1")
-    if args.instruction is None:
-        args.instruction = EVALPLUS_INSTRUCTION if args.bench == CODE_BENCH else default_instruction(args.bench)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = TINY_DEFAULT_MAX_NEW_TOKENS if args.model == "tiny" else DEFAULT_MAX_NEW_TOKENS
-    if args.output_dir is None:
-        if args.samples:
-            args.output_dir = str(Path(args.samples).resolve().parent)
-        else:
-            args.output_dir = str(Path("outputs") / "eval" / f"{args.bench}-{args.model.rstrip('/').replace('/', '__')}")
-    return args
+@dataclass
+class EvalConfig:
+    """Every field is a flag (--max_new_tokens or --max-new-tokens); --config eval.yaml sets defaults."""
+
+    bench: str = field(metadata={"choices": BENCH_CHOICES, "help": "benchmark ('arith' is the embedded task)"})
+    config: str | None = field(default=None, metadata={"help": "YAML file of field: value; CLI flags override it"})
+    model: str | None = field(default=None, metadata={
+        "help": "HF model id or local path; 'tiny' = the embedded model (models/tiny-qwen3). "
+                "Not needed with --samples"})
+    data_file: str | None = field(default=None, metadata={
+        "help": "local .jsonl/.parquet with {id, problem, answer} instead of the hub; "
+                "for mbppplus an evalplus-format MbppPlus .jsonl[.gz]"})
+    samples: str | None = field(default=None, metadata={
+        "help": "score the completions in this samples file (jsonl with id, completion) "
+                "instead of generating; scores exactly the problems in it"})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "where samples.jsonl, results.json, settings.json go; default "
+                "outputs/eval/<bench>-<model> (with --samples: the samples file's folder)"})
+    n: int = field(default=4, metadata={"help": "samples per problem"})
+    k: list[int] | None = field(default=None, metadata={"help": "k values for pass@k (default: 1 and n)"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature (0: greedy)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling: keep the top tokens up to this mass"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": f"generation budget per sample; default {TINY_DEFAULT_MAX_NEW_TOKENS} for --model tiny, "
+                f"else {DEFAULT_MAX_NEW_TOKENS}"})
+    seed: int = field(default=0, metadata={"help": "seeds sampling (each batch from it and its first sample)"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system message (default: none)"})
+    instruction: str | None = field(default=None, metadata={
+        "help": "appended to each problem; default: the boxed instruction for math "
+                "benches, none for arith, evalplus's instruction for mbppplus ('' = none)"})
+    enable_thinking: bool | None = field(default=None, metadata={
+        "help": "passed to chat templates that read it (Qwen3); default: the template's own default"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "sequences per generate call (default: 32 transformers, 512 vllm)"})
+    backend: str = field(default="auto", metadata={
+        "choices": ["auto", "transformers", "vllm"],
+        "help": "auto: vllm if it is installed and a GPU is present, else transformers"})
+    limit: int | None = field(default=None, metadata={
+        "help": "only the first N problems of the benchmark (smoke tests)"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "evalplus ground-truth cache (default ~/.cache/antisd/evalplus)"})
+    skip_bad_rows: bool = field(default=False, metadata={
+        "help": "drop (and count) rows with a missing field or unparsable gold instead of failing"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads; default 1 for --model tiny (its matrices are too small to split, and on a busy "
+                "machine more threads wait on each other), else torch's default"})
+    num_workers: int = field(default=min(4, os.cpu_count() or 1), metadata={"help": "verifier processes"})
+
+    def __post_init__(self):
+        """Checks the values and fills the computed defaults (a ValueError is a usage error on the CLI)."""
+        if self.samples is None and not self.model:
+            raise ValueError("--model is required unless --samples is given")
+        if self.n < 1 or (self.k and min(self.k) < 1) or (self.limit is not None and self.limit < 1):
+            raise ValueError("--n, --k and --limit must be >= 1")
+        if self.instruction is None:
+            self.instruction = EVALPLUS_INSTRUCTION if self.bench == CODE_BENCH else default_instruction(self.bench)
+        if self.max_new_tokens is None:
+            self.max_new_tokens = TINY_DEFAULT_MAX_NEW_TOKENS if self.model == "tiny" else DEFAULT_MAX_NEW_TOKENS
+        if self.output_dir is None:
+            if self.samples:
+                self.output_dir = str(Path(self.samples).resolve().parent)
+            else:
+                model = self.model.rstrip("/").replace("/", "__")
+                self.output_dir = str(Path("outputs") / "eval" / f"{self.bench}-{model}")
+
+
+def parse_config(argv=None) -> EvalConfig:
+    """Defaults < --config eval.yaml < CLI flags (cli.parse_layered); --help shows this file's docstring."""
+    return parse_layered(EvalConfig, argv, __doc__)
 
 
 # =====================================================================================
@@ -162,8 +183,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # =====================================================================================
 def go_offline_without_hub(timeout_s: float = 3.0) -> None:
     """No route to the hub: switch HF libraries to offline mode (cached files still load) so that a
-    missing dataset fails at once with its hint instead of after ~25 s of retries. Effective when the
-    HF libraries are not imported yet (the CLI imports them lazily)."""
+    missing dataset fails at once with its hint instead of after ~25 s of retries. The HF libraries read
+    the variables when imported: huggingface_hub (imported with the argument parser) is told directly."""
     if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -172,6 +193,8 @@ def go_offline_without_hub(timeout_s: float = 3.0) -> None:
     except OSError:
         print(f"{url.hostname} unreachable: Hugging Face hub offline mode")
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        if "huggingface_hub.constants" in sys.modules:
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
 
 
 def load_problems(args) -> list[dict]:
@@ -511,7 +534,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_config(argv)
     try:
         run(args)
     except (DataError, EvalError) as err:

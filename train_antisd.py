@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import random
-import re
 import statistics
 import sys
 import time

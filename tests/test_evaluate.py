@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluate import main, pass_at_k, summarize
+from evaluate import EvalConfig, main, parse_config, pass_at_k, summarize
 from prompts import BOXED_INSTRUCTION
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,45 @@ def test_unknown_bench_lists_choices(capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "invalid choice" in err
     assert all(name in err for name in ["aime2024", "aime2025", "aime2026", "hmmt2025", "minerva", "mbppplus", "arith"])
+
+
+def test_config_file_then_cli_flags(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text("bench: aime2025\nmodel: tiny\nn: 3\nk: [1, 2]\nenable_thinking: true\ntemperature: 1.0\n")
+    cfg = parse_config(["--config", str(config), "--n", "5", "--no-enable_thinking", "--max-new-tokens", "7"])
+    assert (cfg.bench, cfg.model, cfg.n, cfg.k, cfg.enable_thinking, cfg.temperature, cfg.max_new_tokens) == \
+           ("aime2025", "tiny", 5, [1, 2], False, 1.0, 7)
+    assert cfg.instruction == BOXED_INSTRUCTION and cfg.output_dir == str(Path("outputs/eval/aime2025-tiny"))
+    assert parse_config(["--config", str(config), "--bench", "arith", "--enable_thinking"]).enable_thinking is True
+    assert parse_config(["--bench", "arith", "--model", "tiny"]).enable_thinking is None
+
+    config.write_text("bench: aime2025\nmodel: tiny\nnum_sample: 3\ntemprature: 1.0\n")
+    with pytest.raises(SystemExit, match=r"eval\.yaml: unknown config keys \['num_sample', 'temprature'\]"):
+        parse_config(["--config", str(config)])
+    config.write_text("bench: gsm8k\nmodel: tiny\n")
+    with pytest.raises(SystemExit, match="bench must be one of"):
+        parse_config(["--config", str(config)])
+
+    for argv, message in [(["--bench", "arith"], "--model is required unless --samples is given"),
+                          (["--bench", "arith", "--model", "tiny", "--k", "0"], "--n, --k and --limit must be >= 1")]:
+        with pytest.raises(SystemExit) as exc:
+            parse_config(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_shows_docstring_and_every_default(capsys):
+    import evaluate
+
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert evaluate.__doc__.split("\n\n")[1] in text  # the usage examples, indented as written
+    blocks = {}  # first option string -> its help entry
+    for entry in text.split("options:")[1].split("\n  -")[1:]:
+        blocks[entry.split()[0].rstrip(",")] = " ".join(entry.split())
+    for name in EvalConfig.__dataclass_fields__:
+        assert "(default: " in blocks[f"-{name}"], name
 
 
 def test_no_hub_no_data_file_says_how(tmp_path):
