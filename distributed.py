@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 from contextlib import contextmanager
 
 import psutil
@@ -88,6 +89,13 @@ def full_weights_for_generation(model):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(reshard_after[unit], recurse=False)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def gather_floats(accelerator, values: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from checkpoints import latest_checkpoint, load_causal_lm, model_dir, save_checkpoint, save_final_model
-from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
+from distributed import full_weights_for_generation, gather_floats, make_accelerator, peak_memory_gib, set_cpu_threads
 from prompts import answer_feedback, teacher_user_message, user_prompt
+from scoring import install_scoring_head, length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import last_boxed_span
 
 logger = logging.getLogger("antisd")
@@ -383,193 +383,6 @@ def teacher_prompt_ids(tokenizer, cfg: Config, prompt: str, solution: str | None
 
 
 # =====================================================================================
-# Scoring: sampled-token log-probs (+ full-vocab entropy) in chunks, never [batch, length, vocab]
-# =====================================================================================
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar total length, so padding to the longest row wastes little."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
-    """Right-padded prompt+response rows, and where each response token sits."""
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width, max_resp = max(lengths), max(len(r) for r in responses)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    targets = torch.full((len(prompts), max_resp), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(prompts), max_resp))
-    positions = torch.zeros((len(prompts), max_resp), dtype=torch.long)  # hidden state predicting target
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-        attention_mask[row, : len(p) + len(r)] = 1
-        targets[row, : len(r)] = torch.tensor(r)
-        response_mask[row, : len(r)] = 1
-        positions[row, : len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-    to = lambda t: t.to(device)  # noqa: E731
-    return to(input_ids), to(attention_mask), to(targets), to(positions), to(response_mask)
-
-
-class ScoringHead(torch.nn.Linear):
-    """The model's LM head, which can also score just the sampled tokens, chunk by chunk.
-
-    While `request` is set, its forward takes the final hidden states [B, L, H], keeps the rows
-    that predict response tokens, projects them onto the vocabulary `chunk_rows` at a time and
-    returns [N, 2] = (log pi(target), entropy) instead of [B, L, vocab] logits. It runs inside the
-    model's own forward, so DDP/FSDP hooks see an ordinary forward; with grad enabled each chunk
-    is checkpointed, so its logits are rebuilt in backward instead of stored. Generation never
-    sets a request and gets plain logits.
-    """
-
-    request: dict | None = None
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.request is None:
-            return super().forward(hidden)
-        req = self.request
-        rows = hidden[req["batch_index"], req["positions"]]
-        out = []
-        for start in range(0, len(rows), req["chunk_rows"]):
-            h, t = rows[start:start + req["chunk_rows"]], req["targets"][start:start + req["chunk_rows"]]
-            if torch.is_grad_enabled():  # the student: log-probs only, logits rebuilt in backward
-                out.append(torch.stack([checkpoint(self._chunk_logprobs, h, t, use_reentrant=False),
-                                        torch.zeros(len(h), device=h.device)], dim=-1))
-                continue
-            logits = super().forward(h).float()  # bf16 weights: bf16 logits, then fp32 from here on
-            log_z = torch.logsumexp(logits, dim=-1)
-            logp = logits.gather(1, t[:, None])[:, 0] - log_z
-            entropy = torch.zeros_like(logp)
-            if req["with_entropy"]:  # in place: at most two [rows, vocab] fp32 tensors alive
-                log_softmax = logits.sub_(log_z[:, None])
-                entropy = -log_softmax.exp().mul_(log_softmax).sum(-1)
-            out.append(torch.stack([logp, entropy], dim=-1))
-        return torch.cat(out) if out else rows.new_zeros((0, 2), dtype=torch.float32)
-
-    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(hidden).float()
-        return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-
-
-# Config fields of models that transform the LM head's output (Gemma-2/3 soft-capping, Cohere and
-# Granite scaling): the chunked scores read the head's raw output, so they would be silently wrong.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-LOGIT_BYTES = 3 * 4  # fp32 logits and up to two fp32 temporaries of their shape alive at once
-
-
-def logit_chunk_rows(vocab_size: int, budget_mb: int) -> int:
-    """Token rows per chunk of the vocabulary projection that fit `budget_mb`."""
-    return max(1, budget_mb * 2**20 // (vocab_size * LOGIT_BYTES))
-
-
-def install_scoring_head(model) -> None:
-    """Turn the model's nn.Linear LM head into a ScoringHead (same weights, tying kept); before prepare()."""
-    config = model.config.get_text_config(decoder=True)
-    transforms = {name: getattr(config, name) for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)}
-    if transforms:
-        raise ValueError(f"{type(model).__name__} transforms its logits after the LM head ({transforms}); the chunked "
-                         "sampled-token scoring reads the raw head output and would give wrong log-probs and entropies. "
-                         "Models with logit soft-capping or scaling are not supported.")
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear and not isinstance(head, ScoringHead):
-        raise TypeError(f"chunked scoring needs an nn.Linear LM head, got {type(head).__name__}")
-    head.__class__ = ScoringHead
-
-
-def token_logprobs(model, input_ids, attention_mask, targets, positions, response_mask,
-                   chunk_rows: int, with_entropy: bool = False, cache=None, position_ids=None):
-    """log pi(target) at each response position ([B, T], 0 off-mask), and the entropy if asked.
-
-    With a KV `cache` of a prefix, `input_ids` continue it: `attention_mask` then covers prefix +
-    input and `position_ids` give the input's positions after the prefix's own tokens.
-    """
-    from accelerate.utils import extract_model_from_parallel
-
-    head = extract_model_from_parallel(model).get_output_embeddings()
-    if not isinstance(head, ScoringHead):
-        raise TypeError("call install_scoring_head(model) before accelerator.prepare(model)")
-    active = response_mask.bool()
-    batch_index = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(positions)
-    head.request = {"batch_index": batch_index[active], "positions": positions[active], "targets": targets[active],
-                    "chunk_rows": chunk_rows, "with_entropy": with_entropy}
-    try:
-        scored = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, use_cache=cache is not None).logits
-    finally:
-        head.request = None
-    logp = torch.zeros(response_mask.shape, device=scored.device, dtype=torch.float32).masked_scatter(active, scored[:, 0])
-    entropy = torch.zeros_like(logp).masked_scatter(active, scored[:, 1]) if with_entropy else None
-    return logp, entropy
-
-
-def caches_prefixes(model) -> bool:
-    """Prefix KV caches can be reused by any continuation when every layer is full attention."""
-    config = model.config.get_text_config(decoder=True)
-    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    return not sliding and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
-
-
-@torch.no_grad()
-def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]], pad_id: int, device,
-                   batch_size: int, chunk_rows: int, agree_calls=None) -> tuple[list, list]:
-    """The teacher's log pi(y_t) and full-vocabulary entropy for each response after its prefix.
-
-    Rollouts shown the same solution with the same feedback have the same prefix: it is run once
-    (all but its last token) and each of those responses continues its KV cache as
-    [last prefix token] + response, so prefix tokens are not re-read per rollout. Models with
-    sliding-window or linear-attention layers score prefix + response whole instead.
-    `agree_calls(n) -> N >= n` agrees on a forward count across processes: a sharded (FSDP)
-    model gathers its weights in every forward, so processes with fewer pad with dummy ones.
-    """
-    from accelerate.utils import extract_model_from_parallel
-    from transformers import DynamicCache
-
-    from generation import pad_batch
-
-    logp, entropy = [None] * len(responses), [None] * len(responses)
-    was_training = model.training
-    model.eval()  # a checkpointing model in training mode would refuse the prefix KV cache
-    if caches_prefixes(extract_model_from_parallel(model)):
-        index: dict[tuple, int] = {}
-        owner = [index.setdefault(tuple(p), len(index)) for p in prefixes]
-        distinct = [list(p) for p in index]
-        plan = []  # (distinct prefixes read together, the batches of responses that continue them)
-        for batch in length_sorted_batches([len(p) for p in distinct], batch_size):
-            members = [i for i, d in enumerate(owner) if d in batch]
-            plan.append((batch, [[members[k] for k in sub]
-                                 for sub in length_sorted_batches([len(responses[i]) for i in members], batch_size)]))
-    else:
-        plan = [(None, length_sorted_batches([len(p) + len(r) for p, r in zip(prefixes, responses)], batch_size))]
-    forwards = sum(len(subs) + (batch is not None) for batch, subs in plan)
-    for _ in range((agree_calls(forwards) if agree_calls else forwards) - forwards):  # agreed before any real forward
-        model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False, logits_to_keep=1)
-
-    for batch, subs in plan:
-        if batch is None:
-            scored = [(rows, token_logprobs(model, *pack_sequences([prefixes[i] for i in rows], [responses[i] for i in rows],
-                                                                   pad_id, device), chunk_rows, with_entropy=True))
-                      for rows in subs]
-        else:
-            ids, prefix_mask = (t.to(device) for t in pad_batch([distinct[d][:-1] for d in batch], pad_id, side="right"))
-            prefix_cache = model(input_ids=ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1).cache
-            cache_row = {d: r for r, d in enumerate(batch)}
-            scored = []
-            for rows in subs:
-                select = torch.tensor([cache_row[owner[i]] for i in rows], device=device)
-                cache = DynamicCache([(keys[select], values[select]) for keys, values, *_ in prefix_cache])
-                ids, mask, targets, positions, response_mask = pack_sequences(
-                    [distinct[owner[i]][-1:] for i in rows], [responses[i] for i in rows], pad_id, device)
-                starts = torch.tensor([len(distinct[owner[i]]) - 1 for i in rows], device=device)
-                scored.append((rows, token_logprobs(
-                    model, ids, torch.cat([prefix_mask[select], mask], 1), targets, positions, response_mask, chunk_rows,
-                    with_entropy=True, cache=cache, position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device))))
-        for rows, (lp, ent) in scored:
-            for j, i in enumerate(rows):
-                logp[i], entropy[i] = lp[j, : len(responses[i])], ent[j, : len(responses[i])]
-    model.train(was_training)
-    return logp, entropy
-
-
-# =====================================================================================
 # Plumbing: accelerator, model, logging
 # =====================================================================================
 def load_model_and_tokenizer(name_or_path: str, cfg: Config):
@@ -838,6 +651,7 @@ def main(cfg: Config) -> None:
             **{f"time/{k}_s": v for k, v in timings.items()},
             "time/step_s": step_s,
             "tokens_per_s": all_lens.sum().item() / step_s,
+            "memory/peak_gib": peak_memory_gib(device),
         }
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:

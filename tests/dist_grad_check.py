@@ -6,15 +6,14 @@ Prints GRAD-CHECK OK and TEACHER-CHECK OK on rank 0; exits non-zero on a mismatc
 tests/test_training.py."""
 
 import copy
-import os
 import sys
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from distributed import make_accelerator
-from train_antisd import (combine_advantages, install_scoring_head, loss_weights, pack_sequences, ppo_clip_loss,
-                          teacher_scores, token_logprobs, token_signal)
+from scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
+from train_antisd import combine_advantages, loss_weights, ppo_clip_loss, token_signal
 
 PROMPTS = [[1, 2], [3, 4, 5], [6], [7, 8], [9, 1, 2], [3]]
 RESPONSES = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19], [20, 21, 22, 23], [24, 25]]

@@ -15,7 +15,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 from data.arith import generate_split
 from distributed import full_weights_for_generation, make_accelerator
 from generation import chat_messages, chat_prompt_ids, sample
-from train_antisd import Config, load_model_and_tokenizer, pack_sequences, teacher_scores, token_logprobs
+from scoring import pack_sequences, teacher_scores, token_logprobs
+from train_antisd import Config, load_model_and_tokenizer
 
 # bf16 weights and activations (~3 significant digits); measured here: max 0.03, mean 0.0015
 LOGP_TOLERANCE, MEAN_TOLERANCE = 0.1, 0.01

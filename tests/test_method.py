@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import scoring
+from scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
 from train_antisd import (
     EntropyGate, ReleaseController, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
-    grpo_advantages, install_scoring_head, jsd_phi, loss_weights, pack_sequences, ppo_clip_loss, teacher_user_message,
-    teacher_scores, token_logprobs, token_signal,
+    grpo_advantages, jsd_phi, loss_weights, ppo_clip_loss, teacher_user_message, token_signal,
 )
-import train_antisd
 
 
 LOG2 = math.log(2)
@@ -235,11 +235,11 @@ def test_teacher_and_student_align_token_by_token(small_model):
 @pytest.mark.parametrize("shared", [True, False])
 def test_teacher_scores_with_shared_prefixes_equal_naive(small_model, monkeypatch, shared):
     """Prefix read once and its KV cache continued per response == each sequence scored whole."""
-    assert train_antisd.caches_prefixes(small_model)
+    assert scoring.caches_prefixes(small_model)
     windowed = Qwen3ForCausalLM(Qwen3Config(**{**small_model.config.to_dict(), "use_sliding_window": True, "sliding_window": 4,
                                                "layer_types": None}))
-    assert not train_antisd.caches_prefixes(windowed)  # scored whole instead
-    monkeypatch.setattr(train_antisd, "caches_prefixes", lambda model: shared)
+    assert not scoring.caches_prefixes(windowed)  # scored whole instead
+    monkeypatch.setattr(scoring, "caches_prefixes", lambda model: shared)
     a, b, c = [1, 2, 3, 4, 5, 6], [1, 2, 3, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]
     prefixes = [a, b, a, c, b, a, c]
     responses = [[20, 21, 22], [23], [24, 25, 26, 27, 28], [29, 30], [31, 32, 33], [34], [35, 36, 37, 38]]
