@@ -17,13 +17,11 @@ signal + gate -> update -> log/checkpoint). Importing this file does no work.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import random
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import latest_checkpoint, load_causal_lm, model_dir, save_checkpoint, save_final_model
+from cli import parse_layered
 from distributed import full_weights_for_generation, gather_floats, make_accelerator, peak_memory_gib, set_cpu_threads
 from prompts import answer_feedback, teacher_user_message, user_prompt
 from scoring import install_scoring_head, length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
@@ -145,31 +144,13 @@ class Config:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Dataclass defaults < --config YAML (or the saved config of a --resume'd run) < CLI flags."""
-    import yaml
-    from transformers import HfArgumentParser
-
-    argv = sys.argv[1:] if argv is None else argv
-    formatter = type("HelpFormatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    parser = HfArgumentParser(Config, description=__doc__, formatter_class=formatter)  # docstring as written, defaults shown
-    first = parser.parse_args_into_dataclasses(argv)[0]  # validates the flags early
-    layers = []
-    if first.config:
-        layers.append(Path(first.config))
-    if first.resume and (Path(first.output_dir) / "config.yaml").is_file():
-        layers.append(Path(first.output_dir) / "config.yaml")
-    known = {f for f in Config.__dataclass_fields__}
-    for path in layers:
-        unknown = sorted(set(yaml.safe_load(path.read_text()) or {}) - known)
-        if unknown:
-            raise SystemExit(f"{path}: unknown config keys {unknown}")
-    values = {}
-    for path in layers:
-        values.update({k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in ("resume", "config")})
-    parser.set_defaults(**values)
-    preset = parser.parse_args_into_dataclasses(argv)[0].preset
-    parser.set_defaults(**{**PRESET_DEFAULTS.get(preset, {}), **values})  # preset < recipe < CLI flag
-    return parser.parse_args_into_dataclasses(argv)[0]
+    """Dataclass defaults < the --preset's defaults < --config YAML < the saved config of a --resume'd
+    run < CLI flags: a recipe value or a flag always wins over a preset."""
+    first = parse_layered(Config, argv, __doc__, ignored_keys=("config", "resume"))
+    saved = Path(first.output_dir) / "config.yaml"
+    return parse_layered(Config, argv, __doc__, base_layers=[PRESET_DEFAULTS.get(first.preset, {})],
+                         override_files=[saved] if first.resume and saved.is_file() else [],
+                         ignored_keys=("config", "resume"))
 
 
 # =====================================================================================
@@ -398,7 +379,7 @@ def load_model_and_tokenizer(name_or_path: str, cfg: Config):
         tokenizer.pad_token = tokenizer.eos_token
     install_scoring_head(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 

@@ -280,3 +280,36 @@ def test_token_mean_is_the_same_in_micro_steps(small_model):
     whole, split = grads([range(4)]), grads([range(0, 1), range(1, 3), range(3, 4)])
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config_kwargs", [
+    {"model_type": "gemma2", "final_logit_softcapping": 30.0},
+    {"model_type": "cohere", "logit_scale": 0.0625},
+    {"model_type": "granite", "logits_scaling": 8.0},
+])
+def test_models_that_transform_logits_after_the_head_are_refused(config_kwargs):
+    """Soft-capped or scaled logits would make the chunked scores silently wrong: refuse, naming the field."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, field = config_kwargs.pop("model_type"), next(iter(config_kwargs))
+    config = AutoConfig.for_model(model_type, vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, **config_kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=field):
+        install_scoring_head(model)
+
+
+def test_logit_chunks_are_sized_by_a_memory_budget():
+    assert scoring.logit_chunk_rows(151_936, 512) == 512 * 2**20 // (151_936 * 12)  # 294 rows of the Qwen3 vocabulary
+    assert scoring.logit_chunk_rows(512, 512) == 87_381
+    assert scoring.logit_chunk_rows(10**9, 1) == 1  # never zero
+
+
+def test_generate_calls_are_sized_by_a_kv_token_budget():
+    from generation import token_budget_batches
+
+    lengths = [10, 30, 20, 5, 50, 40]
+    batches = token_budget_batches(lengths, max_new_tokens=50, batch_size=4, max_tokens=200)
+    assert [lengths[b] for b in batches] == [[10, 30], [20, 5], [50, 40]]  # in order, (longest + 50) x count <= 200
+    assert token_budget_batches([500], 50, 4, 200) == [slice(0, 1)]  # one sequence even when it alone is over
+    assert token_budget_batches(lengths, 50, 4, None) == [slice(0, 4), slice(4, 6)]  # no budget: batch_size only

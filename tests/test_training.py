@@ -64,15 +64,37 @@ def test_three_real_steps(tmp_path, method, preset):
     assert moved == any(r["grad_norm"] for r in rows)
 
 
-def test_gradient_checkpointing_gives_the_same_steps_and_bf16_runs(tmp_path):
-    """The teacher's prefix KV cache still works when the model checkpoints its layers (training mode)."""
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_steps(tmp_path, monkeypatch):
+    """main() trains in training mode, so --gradient_checkpointing really recomputes every layer in
+    backward (each layer's MLP runs twice per grad-enabled pass); the numbers stay the same and the
+    teacher's prefix KV cache still works (it scores in eval mode)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+
+    grad_calls, mlp_forward = [], Qwen3MLP.forward
+
+    def counting_forward(self, x):
+        grad_calls.append(torch.is_grad_enabled())
+        return mlp_forward(self, x)
+
+    monkeypatch.setattr(Qwen3MLP, "forward", counting_forward)
     args = FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "2", "--save_steps", "0"]
-    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"]), ("bf16", ["--bf16"])):
-        run_script(args + extra + ["--output_dir", str(tmp_path / name)])
-    plain, checkpointed, bf16 = (read_metrics(tmp_path / n) for n in ("plain", "checkpointed", "bf16"))
+    counts = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        grad_calls.clear()
+        main(parse_config(args + extra + ["--output_dir", str(tmp_path / name)]))
+        counts[name] = sum(grad_calls)
+    assert counts["plain"] > 0 and counts["checkpointed"] == 2 * counts["plain"]
+    plain, checkpointed = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "checkpointed")
     for key in ("reward/mean", "teacher/entropy_median", "u/mean", "loss", "grad_norm"):
         assert [r[key] for r in checkpointed] == pytest.approx([r[key] for r in plain], rel=1e-4, abs=1e-6), key
-    assert all(math.isfinite(r["u/mean"]) and math.isfinite(r["grad_norm"]) for r in bf16)
+
+
+def test_bf16_runs_and_saves_the_final_model_in_bf16(tmp_path):
+    run_script(FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "2", "--save_steps", "0", "--bf16",
+                       "--output_dir", str(tmp_path)])
+    assert all(math.isfinite(r["u/mean"]) and math.isfinite(r["grad_norm"]) for r in read_metrics(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("mode", ["mask", "wrong"])
@@ -134,7 +156,6 @@ def test_config_file_cli_overrides_and_validation(tmp_path):
     recipe.write_text("max_steps: 9\nmethod: sd\ngroup_size: 4\n")
     cfg = parse_config(["--config", str(recipe), "--max-steps", "7"])
     assert (cfg.max_steps, cfg.method, cfg.group_size) == (7, "sd", 4)
-    assert parse_config(["--preset", "release"]).gate_reopen_ratio == 1.07
     recipe.write_text("max_stepz: 9\n")
     with pytest.raises(SystemExit, match="unknown config keys"):
         parse_config(["--config", str(recipe)])
@@ -144,6 +165,20 @@ def test_config_file_cli_overrides_and_validation(tmp_path):
         Config(group_size=1).validate(num_processes=1)
     with pytest.raises(SystemExit, match="constant_with_warmup"):
         Config(lr_scheduler="constant", lr_warmup_steps=10).validate(num_processes=1)
+
+
+def test_release_preset_is_a_layer_of_defaults_under_recipes_and_flags(tmp_path):
+    assert parse_config([]).gate_reopen_ratio == 1.0
+    assert parse_config(["--preset", "release"]).gate_reopen_ratio == 1.07
+    for flag in ("--gate_reopen_ratio", "--gate-reopen-ratio"):  # a flag always wins, in either spelling
+        assert parse_config(["--preset", "release", flag, "1.02"]).gate_reopen_ratio == 1.02
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("preset: release\ngate_reopen_ratio: 1.03\n")
+    assert parse_config(["--config", str(recipe)]).gate_reopen_ratio == 1.03  # the recipe wins over its preset
+    recipe.write_text("gate_reopen_ratio: 1.04\n")
+    assert parse_config(["--config", str(recipe), "--preset", "release"]).gate_reopen_ratio == 1.04
+    recipe.write_text("preset: release\n")
+    assert parse_config(["--config", str(recipe)]).gate_reopen_ratio == 1.07
 
 
 def test_help_lists_every_flag(capsys):
@@ -177,16 +212,30 @@ def test_two_process_fsdp2_gradient_matches_one_process():
 
 
 @pytest.mark.slow
+def test_two_process_fsdp2_bf16_policy_scores_checkpointing_and_generation():
+    """The GPU recipe's precision policy on 2 gloo processes: fp32 unrounded scores within bf16
+    tolerance of fp32, layers recomputed, gathered generation == unsharded (tests/fsdp2_bf16_check.py)."""
+    proc = subprocess.run(TORCHRUN + [str(REPO / "tests" / "fsdp2_bf16_check.py")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **CPU_FSDP2})
+    assert proc.returncode == 0 and "BF16-CHECK OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
 def test_two_process_fsdp2_train_save_resume(tmp_path):
-    """prepare -> generate on the sharded model -> update -> sharded checkpoint -> resume -> full save."""
-    args = FAST + ["--prompts_per_step", "4", "--method", "antisd", "--output_dir", str(tmp_path)]
+    """The GPU recipe's path (FSDP2, --bf16 --gradient_checkpointing) on 2 gloo processes: prepare ->
+    generate from gathered weights -> update -> sharded checkpoint -> resume -> full bf16 save."""
+    args = FAST + ["--prompts_per_step", "4", "--method", "antisd", "--bf16", "--gradient_checkpointing",
+                   "--output_dir", str(tmp_path)]
     run_script(args + ["--max_steps", "2"], env=CPU_FSDP2, launcher=TORCHRUN)
     assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # really sharded
+    rows = read_metrics(tmp_path)
+    assert all(math.isfinite(r["u/mean"]) and r["teacher/entropy_median"] > 0 and math.isfinite(r["grad_norm"]) for r in rows)
     step_2 = load_file(tmp_path / "model.safetensors")
-    # continual run from the sharded checkpoint: its weights are merged, then loaded
+    assert {t.dtype for t in step_2.values()} == {torch.bfloat16}  # saved in the training dtype
+    # continual run from the sharded checkpoint: its (fp32 master) weights are merged, then loaded
     run_script(FAST + ["--max_steps", "1", "--init_from", str(tmp_path / "checkpoint-2"), "--output_dir", str(tmp_path / "cont")])
     merged = load_file(tmp_path / "cont" / "init_model" / "model.safetensors")
-    assert all(torch.equal(merged[name], tensor) for name, tensor in step_2.items())
+    assert all(torch.equal(merged[name].to(torch.bfloat16), tensor) for name, tensor in step_2.items())
     run_script(args + ["--max_steps", "3", "--resume"], env=CPU_FSDP2, launcher=TORCHRUN)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     from transformers import AutoModelForCausalLM
@@ -197,13 +246,43 @@ def test_two_process_fsdp2_train_save_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu(tmp_path):
+def test_two_process_ddp_on_cpu_and_its_checkpoint_loads_whole(tmp_path):
     proc = run_script(FAST + ["--prompts_per_step", "4", "--max_steps", "2", "--output_dir", str(tmp_path)],
                       env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}, launcher=TORCHRUN)
     assert f"{cpu_threads(processes=2)} torch threads per process" in proc.stderr  # the cores shared out
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
-    assert (tmp_path / "model.safetensors").is_file()
+    final = load_file(tmp_path / "model.safetensors")
+    checkpoint = tmp_path / "checkpoint-2"
+    assert all(k.startswith("module.") for k in load_file(checkpoint / "model.safetensors"))  # DDP's wrapper prefix
+    # --init_from and evaluate.py read every weight of that folder (converted once), none left at random
+    run_script(FAST + ["--max_steps", "1", "--init_from", str(checkpoint), "--output_dir", str(tmp_path / "cont")])
+    loaded = load_file(tmp_path / "cont" / "init_model" / "model.safetensors")
+    assert loaded.keys() == final.keys() and all(torch.equal(loaded[k], final[k]) for k in final)
+    evaluation = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--bench", "arith", "--model", str(checkpoint),
+                                 "--n", "1", "--limit", "2", "--output_dir", str(tmp_path / "eval")],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stdout[-2000:] + evaluation.stderr[-3000:]
+    evaluated = load_file(tmp_path / "eval" / "model" / "model.safetensors")
+    assert all(torch.equal(evaluated[k], final[k]) for k in final)
+
+
+def test_a_partial_load_is_an_error(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from checkpoints import CheckpointError, load_causal_lm
+
+    tiny = REPO / "models" / "tiny-qwen3"
+    weights = load_file(tiny / "model.safetensors")
+    AutoConfig.from_pretrained(tiny).save_pretrained(tmp_path)
+    save_file({f"module.{k}": v for k, v in weights.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="not every weight loaded"):  # prefixed keys, read as they are
+        load_causal_lm(str(tmp_path))
+    save_file({k: v for k, v in weights.items() if "layers.0.mlp" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="layers.0.mlp"):
+        load_causal_lm(str(tmp_path))
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
