@@ -4,6 +4,8 @@
 
 Precedence, lowest first: the dataclass defaults < `base_layers` (dicts, in order) < the YAML file of
 the dataclass's `config` field (`--config FILE`) < `override_files` (YAML, in order) < CLI flags.
+A YAML file may name another as `include: FILE` (relative to itself): that one is read first, as
+a lower layer, so a recipe holds only what differs from the setup it shares with others.
 Flags are the field names; `--max_steps` and `--max-steps` both work (transformers' HfArgumentParser).
 `--help` prints `description` as written and every field's default (the layers' when given). A YAML
 key that is no field is an error naming the file and keys; keys in `ignored_keys` are skipped. A
@@ -45,6 +47,20 @@ class DataclassParser(HfArgumentParser):
                                 help=f"the same as --{field.name} false")
 
 
+def yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """(name, values) of `path` and the files it includes, lowest first."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such config file" + (f" (included by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise SystemExit(f"{path}: includes itself through {' -> '.join(map(str, seen))}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: a config file holds a mapping of field: value")
+    include = values.pop("include", None)
+    below = yaml_layers(path.parent / include, (*seen, path.resolve())) if include else []
+    return [*below, (str(path), values)]
+
+
 def parse_layered(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None, *,
                   base_layers: Sequence[Mapping] = (), override_files: Sequence[str | Path] = (),
                   ignored_keys: Collection[str] = ("config",)) -> T:
@@ -58,12 +74,7 @@ def parse_layered(cls: type[T], argv: Sequence[str] | None = None, description: 
         config_file = config_flag.parse_known_args(argv)[0].config
         files = [config_file, *files] if config_file else files
     for path in map(Path, files):
-        if not path.is_file():
-            raise SystemExit(f"{path}: no such config file")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise SystemExit(f"{path}: a config file holds a mapping of field: value")
-        layers.append((str(path), values))
+        layers.extend(yaml_layers(path))
     for name, values in layers:
         unknown = sorted(set(values) - set(cls.__dataclass_fields__) - set(ignored_keys))
         if unknown:

@@ -46,3 +46,18 @@ def test_help_shows_description_and_defaults_without_help_text(capsys):
     text = " ".join(out.split("options:")[1].split())
     assert "--steps STEPS (default: 7)" in text and "with help text (default: 0.5)" in text
     assert "--resume [RESUME] (default: False)" in text
+
+
+def test_a_yaml_file_includes_its_shared_setup(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text("name: base\nsteps: 5\nrate: 0.2\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("include: shared/base.yaml\nsteps: 6\n")
+    assert parse_layered(Toy, ["--config", str(recipe)]) == Toy(name="base", config=str(recipe), steps=6, rate=0.2)
+    assert parse_layered(Toy, ["--config", str(recipe), "--rate", "0.3"]).rate == 0.3
+    (tmp_path / "shared" / "base.yaml").write_text("include: ../recipe.yaml\n")
+    with pytest.raises(SystemExit, match="includes itself"):
+        parse_layered(Toy, ["--config", str(recipe)])
+    recipe.write_text("include: missing.yaml\n")
+    with pytest.raises(SystemExit, match=r"missing\.yaml: no such config file \(included by"):
+        parse_layered(Toy, ["--config", str(recipe)])
