@@ -8,6 +8,8 @@
   folder.
 - `load_causal_lm` loads a model and refuses a partial load: a missing, unexpected or mis-shaped
   weight is an error, never a warning.
+- `load_policy` loads the model to train (fp32 master weights, the scoring head installed,
+  layers checkpointed when asked) and its tokenizer.
 - `save_final_model` writes the full model in the training dtype (bf16 after `--bf16`).
 """
 
@@ -125,6 +127,27 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
         raise CheckpointError(f"{name_or_path}: not every weight loaded: {detail}")
     return model
+
+
+def load_policy(name_or_path: str, gradient_checkpointing: bool):
+    """(model, tokenizer) to train: fp32 master weights (--bf16 casts in forward), the chunked scoring
+    head installed, layers recomputed in backward when asked. 'tiny' is the embedded model."""
+    from transformers import AutoTokenizer
+
+    from scoring import install_scoring_head
+
+    if name_or_path == "tiny":
+        from models.build_tiny_model import ensure_tiny_model
+
+        name_or_path = str(ensure_tiny_model())
+    model = load_causal_lm(name_or_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    install_scoring_head(model)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
 
 
 def save_final_model(accelerator, model, tokenizer, output_dir: str, dtype: torch.dtype) -> None:

@@ -1,6 +1,6 @@
 """Sampled-token scoring: log pi(y_t) and the full-vocabulary entropy, never a [batch, length, vocab] tensor.
 
-- `ScoringHead` replaces the model's LM head (same weights) and, while a request is set, projects
+- `ScoringHead` replaces the model's LM head (same weights) and, while `sampled_tokens` is set, projects
   only the hidden states that predict response tokens onto the vocabulary, a memory-bounded chunk
   at a time (`logit_chunk_rows`), returning fp32 (log-prob, entropy) pairs; with grad each chunk is
   checkpointed so its logits are rebuilt in backward instead of stored. It runs inside the model's
@@ -48,20 +48,20 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
 class ScoringHead(torch.nn.Linear):
     """The model's LM head, which can also score just the sampled tokens, chunk by chunk.
 
-    While `request` is set, its forward takes the final hidden states [B, L, H], keeps the rows
+    While `sampled_tokens` is set (by `token_logprobs`), its forward takes the final hidden states [B, L, H], keeps the rows
     that predict response tokens, projects them onto the vocabulary `chunk_rows` at a time and
     returns [N, 2] = (log pi(target), entropy) instead of [B, L, vocab] logits. It runs inside the
     model's own forward, so DDP/FSDP hooks see an ordinary forward; with grad enabled each chunk
     is checkpointed, so its logits are rebuilt in backward instead of stored. Generation never
-    sets a request and gets plain logits.
+    sets it and gets plain logits.
     """
 
-    request: dict | None = None
+    sampled_tokens: dict | None = None  # which hidden states to score against which targets, and how
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.request is None:
+        if self.sampled_tokens is None:
             return super().forward(hidden)
-        req = self.request
+        req = self.sampled_tokens
         rows = hidden[req["batch_index"], req["positions"]]
         out = []
         for start in range(0, len(rows), req["chunk_rows"]):
@@ -122,13 +122,13 @@ def token_logprobs(model, input_ids, attention_mask, targets, positions, respons
         raise TypeError("call install_scoring_head(model) before accelerator.prepare(model)")
     active = response_mask.bool()
     batch_index = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(positions)
-    head.request = {"batch_index": batch_index[active], "positions": positions[active], "targets": targets[active],
+    head.sampled_tokens = {"batch_index": batch_index[active], "positions": positions[active], "targets": targets[active],
                     "chunk_rows": chunk_rows, "with_entropy": with_entropy}
     try:
         scored = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        cache=cache, use_cache=cache is not None).logits
     finally:
-        head.request = None
+        head.sampled_tokens = None
     logp = torch.zeros(response_mask.shape, device=scored.device, dtype=torch.float32).masked_scatter(active, scored[:, 0])
     entropy = torch.zeros_like(logp).masked_scatter(active, scored[:, 1]) if with_entropy else None
     return logp, entropy

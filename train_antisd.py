@@ -10,9 +10,13 @@ switches it off when the teacher grows too sure of itself.
     accelerate launch --config_file configs/accelerate/fsdp2.yaml train_antisd.py \
         --config configs/qwen3_8b_antisd.yaml --output_dir runs/qwen3-8b  # real scale
 
-Reading order: Config -> method (signal, advantages, gate, loss) -> privileged context ->
-chunked scoring -> checkpoints -> main() (data -> rollout -> reward -> context -> teacher ->
-signal + gate -> update -> log/checkpoint). Importing this file does no work.
+Reading order, and where to edit: 1. Config (a flag is a field) -> 2. Method (the signal, the
+advantages, the gates, the loss: change the algorithm here) -> 3. Privileged context (what the
+teacher is shown) -> 4. One training step, phase by phase -> 5. main(): data -> rollout -> reward
+-> privileged context -> teacher scoring -> signal + gate -> update -> log/checkpoint.
+Systems code lives beside this file and is not for method edits: scoring.py (chunked sampled-token
+scoring), distributed.py (accelerator, precision, gathered generation), checkpoints.py, generation.py,
+prompts.py (every text the model reads). Importing this file does no work.
 """
 
 from __future__ import annotations
@@ -26,117 +30,129 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import yaml
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
-from checkpoints import latest_checkpoint, load_causal_lm, model_dir, save_checkpoint, save_final_model
+from checkpoints import latest_checkpoint, load_policy, model_dir, save_checkpoint, save_final_model
 from cli import parse_layered
-from distributed import full_weights_for_generation, gather_floats, make_accelerator, peak_memory_gib, set_cpu_threads
+from data.loading import default_instruction, load_math_dataset
+from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
+from generation import Samples, chat_messages, chat_prompt_ids, sample
+from metrics import plot_metrics, step_metrics
 from prompts import answer_feedback, teacher_user_message, user_prompt
-from scoring import install_scoring_head, length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
-from verifiers.math import last_boxed_span
+from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
+from verifiers.math import MathVerifier, last_boxed_span
 
 logger = logging.getLogger("antisd")
 
 METHODS = ("grpo", "sd", "sd_jsd", "antisd")
-PRESETS = ("paper", "release")
-# A preset is a layer of defaults: a recipe value or a CLI flag always wins over it.
-PRESET_DEFAULTS = {"paper": {}, "release": {"gate_reopen_ratio": 1.07}}
+GATES = ("entropy", "none", "release")
+# A preset is a layer of defaults under the recipe and the flags: a recipe value or a flag always wins.
+PRESET_DEFAULTS = {"paper": {"gate": "entropy"}, "release": {"gate": "release", "gate_reopen_ratio": 1.07}}
 
 
 # =====================================================================================
-# Config: every field is a flag (--max_steps or --max-steps); --config recipe.yaml sets defaults
+# 1. Config: every field is a flag (--max_steps or --max-steps); --config recipe.yaml sets defaults.
+#    Edit: a new option is a new field here (with help), read as cfg.<name> below.
 # =====================================================================================
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    config: str | None = field(default=None, metadata={"help": "YAML recipe; CLI flags override it."})
+    config: str | None = arg(None, "YAML recipe (may `include:` a shared one); flags override it.")
     # --- run
-    output_dir: str = field(default="runs/antisd-arith", metadata={"help": "Checkpoints, metrics.jsonl, final model."})
-    seed: int = 0
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps (one rollout batch each)."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
-    save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
-    resume: bool = field(default=False, metadata={"help": "Continue the run in --output_dir from its last checkpoint."})
-    init_from: str | None = field(default=None, metadata={"help": "Start a new run from this model/checkpoint dir (gate re-warmed)."})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), comma-separated: tensorboard, wandb, trackio, none."})
+    output_dir: str = arg("runs/antisd-arith", "Checkpoints, metrics.jsonl, metrics.png, the final model.")
+    seed: int = arg(0, "Seeds the prompt order, the rollouts and the shown-solution choice.")
+    max_steps: int = arg(300, "Optimizer steps (one rollout batch each). Paper: 200.")
+    save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = arg(2, "Keep this many newest checkpoints.")
+    resume: bool = arg(False, "Continue the run in --output_dir from its last complete checkpoint.")
+    init_from: str | None = arg(None, "Start a new run from this model or checkpoint folder (the gate re-warms).")
+    report_to: str = arg("tensorboard", "accelerate tracker(s), comma-separated: tensorboard, wandb, trackio, none.")
     # --- model and data
-    model: str = field(default="tiny", metadata={"help": "HF model id or path; 'tiny' = the embedded model (built on first use)."})
-    dataset: str = field(default="arith", metadata={"help": "'arith' (embedded task), a HF dataset id, or a local .jsonl/.parquet."})
-    dataset_split: str = "train"
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Drop (and count) rows without answer or with a gold that does not parse."})
-    instruction: str | None = field(default=None, metadata={"help": "Appended to each problem; default: none for arith, the boxed instruction otherwise."})
-    system_prompt: str | None = None
-    enable_thinking: bool | None = field(default=None, metadata={"help": "Passed to chat templates that read it (Qwen3)."})
+    model: str = arg("tiny", "HF model id or path; 'tiny' = the embedded model (built on first use).")
+    dataset: str = arg("arith", "'arith' (embedded task), a HF dataset id, or a local .jsonl/.parquet.")
+    dataset_split: str = arg("train", "Split of a hub dataset.")
+    skip_bad_rows: bool = arg(False, "Drop (and count) rows without answer or with a gold that does not parse.")
+    instruction: str | None = arg(None, "Appended to each problem; default: none for arith, the boxed instruction otherwise.")
+    system_prompt: str | None = arg(None, "System message for student and teacher alike.")
+    enable_thinking: bool | None = arg(None, "Passed to chat templates that read it (Qwen3).")
     # --- rollout
-    prompts_per_step: int = field(default=8, metadata={"help": "Prompts per optimizer step, over all processes."})
-    group_size: int = field(default=8, metadata={"help": "Rollouts per prompt (G)."})
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generation_batch_size: int = field(default=64, metadata={"help": "Most sequences per generate() call."})
-    generation_kv_tokens: int = field(default=196_608, metadata={"help": "KV-cache budget of one generate() call in tokens: "
-                                      "a call takes at most this // (longest prompt + max_new_tokens) sequences. The default "
-                                      "holds 27 GiB of Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 "
-                                      "shard of the 8B recipe on an 80 GB GPU (computed, not measured)."})
-    truncated_completions: str = field(default="wrong", metadata={"help": "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS."})
-    verifier_workers: int = 2
-    verifier_timeout_s: float = 4.0
+    prompts_per_step: int = arg(8, "Prompts per optimizer step, over all processes. Paper: 32.")
+    group_size: int = arg(8, "Rollouts per prompt (G). Paper: 8.")
+    max_new_tokens: int = arg(128, "Generation budget per rollout.")
+    temperature: float = arg(1.0, "Rollout sampling temperature. Paper: 1.0.")
+    top_p: float = arg(1.0, "Rollout nucleus sampling. Paper: 1.0.")
+    generation_batch_size: int = arg(64, "Most sequences per generate() call.")
+    generation_kv_tokens: int = arg(196_608, "KV-cache budget of one generate() call in tokens: a call takes at most "
+                                    "this // (longest prompt + max_new_tokens) sequences. The default holds 27 GiB of "
+                                    "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 shard of the "
+                                    "8B recipe on an 80 GB GPU (computed, not measured).")
+    truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
+    verifier_workers: int = arg(2, "Math-verify worker processes.")
+    verifier_timeout_s: float = arg(4.0, "Wall-clock limit of one answer check (the check scores 0 past it).")
     # --- method
-    method: str = field(default="antisd", metadata={"help": "grpo | sd (+u) | sd_jsd (+phi(u)) | antisd (-phi(u))."})
-    preset: str = field(default="paper", metadata={"help": "paper: entropy Schmitt gate; release: the authors' perplexity controller."})
-    gate: str = field(default="entropy", metadata={"help": "paper preset: 'entropy' gate or 'none' (lambda_max always)."})
-    lambda_max: float = 0.5
-    gate_warmup_steps: int = field(default=5, metadata={"help": "W: steps of pure GRPO that calibrate the gate (10 for think models)."})
-    gate_down_ratio: float = 0.93
-    gate_reopen_ratio: float = field(default=1.0, metadata={"help": "Re-open at this x H_warm (paper 1.00; release 1.07)."})
-    dataset_solution_fallback: bool = field(default=True, metadata={"help": "Show the dataset's solution when no sibling is correct."})
-    solution_max_tokens: int = field(default=1024, metadata={"help": "Shown solution budget in tokens; a longer one keeps its first quarter and last three quarters."})
-    release_max_response_tokens: int = field(default=8192, metadata={"help": "release preset: no signal on longer responses."})
+    method: str = arg("antisd", "grpo (delta 0) | sd (+u, the paper's +SD) | sd_jsd (+phi(u)) | antisd (-phi(u)).")
+    preset: str = arg("paper", "Defaults under recipe and flags. paper: the entropy gate; release: the authors' released "
+                      "controller (--gate release, --gate_reopen_ratio 1.07).")
+    gate: str = arg("entropy", "entropy: the paper's Schmitt trigger on teacher entropy; none: lambda_max on every step; "
+                    "release: the released per-sequence teacher-perplexity controller.")
+    lambda_max: float = arg(0.5, "lambda of the token signal when the gate is open. Paper: 0.5.")
+    gate_warmup_steps: int = arg(5, "W: steps of pure GRPO that calibrate the gate. Paper: 5.")
+    gate_down_ratio: float = arg(0.93, "Close the gate below this x H_warm. Paper: 0.93.")
+    gate_reopen_ratio: float = arg(1.0, "Re-open at this x H_warm. Paper: 1.00; released controller: 1.07.")
+    dataset_solution_fallback: bool = arg(True, "Show the dataset's solution when no sibling is correct. Paper: yes; "
+                                          "released code: no.")
+    solution_max_tokens: int = arg(1024, "Shown-solution budget in tokens; a longer one keeps its first quarter and last "
+                                   "three quarters.")
+    release_max_response_tokens: int = arg(8192, "--gate release: no signal on longer responses.")
     # --- optimization
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "transformers scheduler: constant_with_warmup, linear, cosine, ..."})
-    lr_warmup_steps: int = 0
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = field(default=None, metadata={"help": "Clip-higher upper epsilon (DAPO); default = clip_eps."})
-    loss_aggregation: str = field(default="token-mean", metadata={"help": "token-mean (DAPO) or seq-mean-token-mean."})
-    ppo_epochs: int = field(default=1, metadata={"help": "Optimizer updates per rollout batch (1 = on-policy)."})
-    micro_batch_size: int = field(default=16, metadata={"help": "Sequences per forward/backward."})
-    score_batch_size: int = field(default=16, metadata={"help": "Teacher prompts, then responses, per no-grad teacher forward."})
-    max_grad_norm: float = 1.0
+    learning_rate: float = arg(2e-4, "AdamW learning rate. Paper: 1e-6 (Qwen3); 2e-4 suits the tiny model.")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    lr_scheduler: str = arg("constant_with_warmup", "transformers scheduler: constant_with_warmup, linear, cosine, ...")
+    lr_warmup_steps: int = arg(0, "Scheduler warm-up steps.")
+    clip_eps: float = arg(0.2, "PPO clip epsilon. Paper: 0.2.")
+    clip_eps_high: float | None = arg(None, "Clip-higher upper epsilon (DAPO); default = clip_eps.")
+    loss_aggregation: str = arg("token-mean", "token-mean (DAPO; paper) or seq-mean-token-mean.")
+    ppo_epochs: int = arg(1, "Optimizer updates per rollout batch (1 = on-policy; paper).")
+    micro_batch_size: int = arg(16, "Sequences per forward/backward.")
+    score_batch_size: int = arg(16, "Teacher prompts, then responses, per no-grad teacher forward.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
     # --- systems
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    logit_chunk_mb: int = field(default=512, metadata={"help": "Memory for one chunk of the vocabulary projection (fp32 "
-                                "logits and their temporaries): a chunk takes as many token rows as fit."})
-    cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on CPU; 0: the machine's physical cores "
-                                                          "shared among its processes (accelerate launch alone sets 1)."})
+    bf16: bool = arg(False, "bf16 compute: FSDP2 with bf16 parameters, fp32 gradient reduction and fp32 outputs; "
+                     "without FSDP accelerate's bf16 autocast. Master weights stay fp32; the final model is saved in bf16.")
+    gradient_checkpointing: bool = arg(False, "Recompute each layer in backward instead of storing its activations.")
+    logit_chunk_mb: int = arg(512, "Memory for one chunk of the vocabulary projection (fp32 logits and their "
+                              "temporaries): a chunk takes as many token rows as fit.")
+    cpu_threads: int = arg(0, "Torch threads per process on CPU; 0: the machine's physical cores shared among its "
+                           "processes (accelerate launch alone sets 1).")
 
     def validate(self, num_processes: int) -> None:
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"--method must be one of {METHODS}, got {self.method!r}")
-        if self.preset not in PRESETS:
-            problems.append(f"--preset must be one of {PRESETS}, got {self.preset!r}")
-        if self.gate not in ("entropy", "none"):
-            problems.append(f"--gate must be 'entropy' or 'none', got {self.gate!r}")
+        choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
+                   "truncated_completions": ("mask", "wrong"), "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
+        problems = [f"--{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                    for name, allowed in choices.items() if getattr(self, name) not in allowed]
         if self.group_size < 2:
             problems.append(f"--group_size must be >= 2 for group advantages, got {self.group_size}")
         if self.prompts_per_step % num_processes:
             problems.append(f"--prompts_per_step {self.prompts_per_step} must be divisible by the "
                             f"{num_processes} processes: use e.g. {num_processes * max(1, self.prompts_per_step // num_processes)}")
-        if self.truncated_completions not in ("mask", "wrong"):
-            problems.append("--truncated_completions must be 'mask' or 'wrong'")
-        if self.loss_aggregation not in ("token-mean", "seq-mean-token-mean"):
-            problems.append("--loss_aggregation must be 'token-mean' or 'seq-mean-token-mean'")
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
             problems.append("--lr_scheduler constant ignores --lr_warmup_steps: use constant_with_warmup")
         if self.resume and self.init_from:
             problems.append("--resume continues a run, --init_from starts a new one: pass only one")
         if self.cpu_threads < 0:
             problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
-        for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps"):
+        for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps",
+                     "generation_kv_tokens", "logit_chunk_mb"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be >= 1")
         if problems:
@@ -154,7 +170,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 # =====================================================================================
-# Method: per-token signal, advantages, gates, loss (pure functions; tests import them)
+# 2. Method: per-token signal, advantages, gates, loss (pure functions; tests import them).
+#    Edit here to change the algorithm: a new signal in token_signal, a new gate as a Gate.
 # =====================================================================================
 LOG2 = math.log(2.0)
 
@@ -177,6 +194,13 @@ def token_signal(u: torch.Tensor, method: str) -> torch.Tensor:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
+def pmi_signal(teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor, method: str, gate: Gate):
+    """(u, delta): u = log pi_T - log pi_S of each sampled token (0 off the mask; the student taken as
+    a constant) and the method's per-token signal of it, as the gate shapes it."""
+    u = (teacher_logp - student_logp.detach()) * mask
+    return u, gate.signal(u, mask, method)
+
+
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """(R - mean_group) / (std_group + eps) for rewards laid out group after group."""
     grouped = rewards.view(-1, group_size)
@@ -192,7 +216,48 @@ def combine_advantages(seq_adv: torch.Tensor, signal: torch.Tensor, lam, mask: t
     return (seq_adv[:, None].to(signal.dtype) + lam * signal.detach()) * mask
 
 
-class EntropyGate:
+@dataclass
+class TeacherStats:
+    """What a gate reads each step, before the update."""
+    entropy_median: float | None  # median teacher entropy over every generated token of the step, all processes
+    seq_ppl: torch.Tensor  # teacher perplexity exp(-mean_t log pi_T) of each of this process's sequences
+
+
+class Gate:
+    """How much of the token signal each sequence gets. Each step the loop calls `lambdas` (before
+    the update: one lambda per sequence), `signal` (inside the update: the per-token delta of u) and
+    `end_step` (after it, with the step's average teacher PPL and the std of u over all processes).
+    `open` is logged as gate/open (None: no gate); the state dict goes into checkpoints."""
+
+    open: bool | None = None
+
+    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def signal(self, u: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+        return token_signal(u, method) * mask
+
+    def end_step(self, avg_ppl: float, u_std: float) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ConstantLambda(Gate):
+    """No gate: the same lambda on every step (`--gate none`, and 0 for grpo)."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
+        return torch.full(stats.seq_ppl.shape, self.value)
+
+
+class EntropyGate(Gate):
     """The paper's gate (Eq. 7): a Schmitt trigger on the median teacher entropy H of each step.
 
     Steps 0..W-1 are pure GRPO (lambda 0) and record H; H_warm = their median. Then, with g = 1:
@@ -204,6 +269,9 @@ class EntropyGate:
         self.warmup_steps, self.down_ratio = warmup_steps, down_ratio
         self.lambda_max, self.reopen_ratio = lambda_max, reopen_ratio
         self.step, self.open, self.h_warm, self.warmup_values = 0, False, None, []
+
+    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
+        return torch.full(stats.seq_ppl.shape, self.update(stats.entropy_median))
 
     def update(self, h: float) -> float:
         """Record this step's H and return this step's lambda."""
@@ -227,8 +295,8 @@ class EntropyGate:
         self.warmup_values = list(state["warmup_values"])
 
 
-class ReleaseController:
-    """The authors' released controller (`--preset release`), not the paper's gate.
+class ReleaseController(Gate):
+    """The authors' released controller (`--gate release`, the release preset), not the paper's gate.
 
     Gate on teacher perplexity PPL_i = exp(-mean_t log pi_T) of each sequence, decided from the
     previous step's average; continuous per-sequence lambda; u zeroed beyond 2 sigma_ref (the mean
@@ -245,8 +313,9 @@ class ReleaseController:
         self.warmup_ppl, self.warmup_u_std = [], []
         self.warm_median = self.tau = self.sigma_ref = None
 
-    def sequence_lambdas(self, ppl: torch.Tensor) -> torch.Tensor:
+    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
         """lambda_i for this step, before its update; the gate follows the previous step's average."""
+        ppl = stats.seq_ppl
         if self.step < self.warmup_steps:
             return torch.zeros_like(ppl)
         if self.open and self.prev_avg < self.tau:
@@ -256,7 +325,7 @@ class ReleaseController:
         lam = (0.2 * torch.log(torch.clamp(ppl / self.tau, 0.5, 3.0))).clamp(0.0, self.lambda_max)
         return torch.where((ppl > self.PPL_CAP) | (not self.open), torch.zeros_like(lam), lam)
 
-    def process(self, u: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+    def signal(self, u: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
         """The release signal: outlier zeroing, clamp, phi, per-sequence z-score, clip, length mask."""
         keep = mask.bool()
         if self.sigma_ref is not None:
@@ -283,10 +352,21 @@ class ReleaseController:
         self.step += 1
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+def make_gate(cfg: Config) -> Gate:
+    if cfg.method == "grpo":
+        return ConstantLambda(0.0)
+    if cfg.gate == "none":
+        return ConstantLambda(cfg.lambda_max)
+    if cfg.gate == "release":
+        return ReleaseController(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.gate_reopen_ratio, cfg.lambda_max,
+                                 cfg.release_max_response_tokens)
+    return EntropyGate(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.lambda_max, cfg.gate_reopen_ratio)
 
 
 def ppo_clip_loss(logp, old_logp, adv, weights, clip_low: float, clip_high: float):
@@ -310,9 +390,9 @@ def loss_weights(mask: torch.Tensor, aggregation: str, total_tokens: float, tota
 
 
 # =====================================================================================
-# Privileged context (paper App. C): a verified sibling solution + feedback on the own attempt
+# 3. Privileged context (paper App. C): a verified sibling solution + feedback on the own attempt.
+#    Edit: what is shown here; the texts themselves (teacher template, feedback) are in prompts.py.
 # =====================================================================================
-# The texts (teacher_user_message, the feedback lines) live in prompts.py.
 def cut_after_last_boxed(text: str) -> str:
     """Drop what follows the box the verifier grades (verifiers.math.last_boxed_span); unchanged
     when the verifier sees no answer in it."""
@@ -355,80 +435,105 @@ def choose_shown_solutions(rewards: list[float], texts: list[str], group_size: i
 
 
 def teacher_prompt_ids(tokenizer, cfg: Config, prompt: str, solution: str | None, correct: bool) -> list[int]:
-    from generation import chat_messages, chat_prompt_ids
-
     if solution is not None:
         solution = fit_token_budget(cut_after_last_boxed(solution), tokenizer, cfg.solution_max_tokens)
     messages = chat_messages(teacher_user_message(prompt, solution, answer_feedback(correct)), cfg.system_prompt)
     return chat_prompt_ids(tokenizer, messages, cfg.enable_thinking)
 
 
-# =====================================================================================
-# Plumbing: accelerator, model, logging
-# =====================================================================================
-def load_model_and_tokenizer(name_or_path: str, cfg: Config):
-    from transformers import AutoTokenizer
-
-    if name_or_path == "tiny":
-        from models.build_tiny_model import ensure_tiny_model
-
-        name_or_path = str(ensure_tiny_model())
-    model = load_causal_lm(name_or_path, dtype=torch.float32)  # fp32 master weights; --bf16 casts in forward
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    install_scoring_head(model)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
+class TeacherContext(NamedTuple):
+    row: int  # the problem's dataset row
+    solution: str | None  # the solution shown
+    correct: bool  # the feedback on the rollout's own answer
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
-    for ax, key in zip(axes, ("reward/mean", "gate/lambda", "teacher/entropy_median")):
-        values = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
-        ax.plot(steps, values, alpha=0.5 if key == "reward/mean" else 1.0)
-        if key == "reward/mean":  # per-step reward is noisy (few prompts a step): show the trend too
-            window = min(10, len(values))
-            ax.plot(steps[window - 1:], [statistics.fmean(values[i - window + 1:i + 1]) for i in range(window - 1, len(values))],
-                    label=f"mean of {window} steps")
-            ax.legend(loc="lower right")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+def teacher_prompts(cfg: Config, tokenizer, step: int, rank: int, rows: list[dict], prompts: list[str],
+                    batch_rows: list[int], rollout: Samples, rewards: list[float]) -> list[list[int]]:
+    """Each rollout's teacher prompt: its problem, a correct sibling (or the dataset's solution) and
+    feedback on its own answer; each distinct one rendered once."""
+    rng = random.Random(cfg.seed * 7919 + step * 104729 + rank)
+    solutions = [rows[i]["solution"] if cfg.dataset_solution_fallback else None for i in batch_rows]
+    shown = choose_shown_solutions(rewards, rollout.texts, cfg.group_size, solutions, rng)
+    contexts = [TeacherContext(batch_rows[i // cfg.group_size], shown[i], rewards[i] > 0.5) for i in range(len(shown))]
+    rendered = {c: teacher_prompt_ids(tokenizer, cfg, prompts[c.row], c.solution, c.correct) for c in set(contexts)}
+    return [rendered[c] for c in contexts]
 
 
 # =====================================================================================
-# The loop
+# 4. One training step, phase by phase (main() calls them in this order).
+# =====================================================================================
+def rewards_and_advantages(cfg: Config, verifier, rollout: Samples, golds: list[str]):
+    """(rewards, GRPO sequence advantages): truncated completions score 0 under 'wrong'."""
+    rewards = verifier.score(rollout.texts, golds)
+    if cfg.truncated_completions == "wrong":
+        rewards = [0.0 if t else r for r, t in zip(rewards, rollout.truncated)]
+    return rewards, grpo_advantages(torch.tensor(rewards), cfg.group_size)
+
+
+def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: Gate, rollout: Samples, pad_id: int,
+                  teacher_logp: list, seq_adv: torch.Tensor, seq_lambda: torch.Tensor, chunk_rows: int) -> dict:
+    """PPO-clip on A_t = A_seq + lambda * delta_t, token-mean over the whole batch of all processes.
+
+    The first pass over each micro-batch is the behaviour policy (parameters have not moved), so
+    its log-probs are the student's log pi_S for u and the old log-probs for the ratio.
+    """
+    device, world = accelerator.device, accelerator.num_processes
+    n_seq = len(rollout.completion_ids)
+    trained = ~torch.tensor(rollout.truncated) if cfg.truncated_completions == "mask" else torch.ones(n_seq, dtype=torch.bool)
+    resp_lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
+    total_tokens = accelerator.reduce((resp_lens * trained).sum().to(device), "sum").clamp(min=1)
+    total_seqs = accelerator.reduce(trained.sum().float().to(device), "sum").clamp(min=1)
+    micro_batches = length_sorted_batches([len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)],
+                                          cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
+    clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
+    grad_norm, skipped = None, False
+    for epoch in range(cfg.ppo_epochs):
+        for k, idx in enumerate(micro_batches):
+            ids, attn, targets, pos, mask = pack_sequences([rollout.prompt_ids[i] for i in idx],
+                                                           [rollout.completion_ids[i] for i in idx], pad_id, device)
+            with nullcontext() if k == len(micro_batches) - 1 else accelerator.no_sync(model):  # sync on the last
+                logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows)
+                if epoch == 0:
+                    old_logp[k] = logp.detach()
+                signal = torch.zeros_like(logp)
+                if cfg.method != "grpo":
+                    t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
+                    u, signal = pmi_signal(t_logp, old_logp[k], mask, cfg.method, gate)
+                    if epoch == 0:
+                        u_values.append(u[mask.bool()])
+                        weighted = (seq_lambda[idx] * trained[idx]).to(device)[:, None] * signal  # masked rows carry no loss
+                        stats["bonus"] += weighted.clamp(min=0).sum().item()
+                        stats["penalty"] += weighted.clamp(max=0).sum().item()
+                adv = combine_advantages(seq_adv[idx].to(device), signal, seq_lambda[idx].to(device), mask)
+                weights = loss_weights(mask * trained[idx].to(device)[:, None], cfg.loss_aggregation,
+                                       total_tokens, total_seqs) * world  # DDP/FSDP average gradients over processes
+                loss, clipped = ppo_clip_loss(logp, old_logp[k], adv, weights, cfg.clip_eps, clip_high)
+                accelerator.backward(loss)
+            stats["loss"] += loss.item() / world
+            stats["clipped"] += clipped.item()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # the loop logs it
+            optimizer.zero_grad(set_to_none=True)
+            skipped = True
+            break
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "grad_norm": grad_norm,
+            "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens}
+
+
+# =====================================================================================
+# 5. The loop: setup, then one step per iteration, top to bottom.
 # =====================================================================================
 def main(cfg: Config) -> None:
-    import yaml
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    from data.loading import default_instruction, load_math_dataset
-    from generation import chat_messages, chat_prompt_ids, sample
-    from verifiers.math import MathVerifier
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     accelerator = make_accelerator(cfg.output_dir, cfg.bf16, cfg.report_to)
     cfg.validate(accelerator.num_processes)
     if accelerator.device.type == "cpu":
         logger.info("%d torch threads per process", set_cpu_threads(accelerator, cfg.cpu_threads))
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     out = Path(cfg.output_dir)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
@@ -439,41 +544,36 @@ def main(cfg: Config) -> None:
         logger.info("config:\n%s", yaml.safe_dump(asdict(cfg), sort_keys=False))
     set_seed(cfg.seed)
 
-    # ---- data: every prompt rendered once; step k uses prompts [k*P, (k+1)*P) of a seeded order
+    # ---- data: every prompt rendered once; step k uses prompts [k*P, (k+1)*P) of a seeded order per epoch
     rows = load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
     instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
-    model, tokenizer = load_model_and_tokenizer(model_dir(cfg.init_from, out / "init_model", accelerator) if cfg.init_from else cfg.model, cfg)
+    model, tokenizer = load_policy(model_dir(cfg.init_from, out / "init_model", accelerator) if cfg.init_from else cfg.model,
+                                   cfg.gradient_checkpointing)
     prompts = [user_prompt(r["problem"], instruction) for r in rows]
     prompt_ids = [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
-
-    def prompt_order(epoch: int) -> list[int]:
-        order = list(range(len(rows)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+    orders = {}
 
     def step_prompts(step: int) -> list[int]:
         per_rank = cfg.prompts_per_step // world
         first = step * cfg.prompts_per_step + rank * per_rank
-        return [prompt_order(i // len(rows))[i % len(rows)] for i in range(first, first + per_rank)]
+        for epoch in {i // len(rows) for i in range(first, first + per_rank)} - orders.keys():
+            orders[epoch] = list(range(len(rows)))
+            random.Random(cfg.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        return [orders[i // len(rows)][i % len(rows)] for i in range(first, first + per_rank)]
 
-    # ---- model, optimizer, controller, trackers
+    # ---- model, optimizer, gate, trackers
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps * cfg.ppo_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()  # from_pretrained leaves eval mode; layers are only recomputed (--gradient_checkpointing) in training mode
-    chunk_rows = logit_chunk_rows(model.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: accelerate would step it per process
-    if cfg.preset == "paper":
-        controller = EntropyGate(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.lambda_max, cfg.gate_reopen_ratio)
-    else:
-        controller = ReleaseController(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.gate_reopen_ratio,
-                                       cfg.lambda_max, cfg.release_max_response_tokens)
+    gate = make_gate(cfg)
     start_step = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = json.loads((resume_from / "trainer_state.json").read_text())
-        controller.load_state_dict(state["controller"])
+        gate.load_state_dict(state["controller"])
         start_step = state["step"]
         logger.info("resumed from %s at step %d", resume_from, start_step)
     metrics_path = out / "metrics.jsonl"
@@ -483,20 +583,15 @@ def main(cfg: Config) -> None:
     accelerator.init_trackers("antisd", config={k: v for k, v in asdict(cfg).items() if v is not None})
     verifier = MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
     unwrapped = accelerator.unwrap_model(model)
-    pad_id = tokenizer.pad_token_id
-    device = accelerator.device
-    clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-    uses_teacher = cfg.method != "grpo"
-    gated = uses_teacher and (cfg.preset == "release" or cfg.gate == "entropy")
+    chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
+
     def trainer_state(step: int) -> dict:
-        return {"next_prompt": step * cfg.prompts_per_step, "controller": controller.state_dict()}
+        return {"next_prompt": step * cfg.prompts_per_step, "controller": gate.state_dict()}
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=not accelerator.is_main_process, desc="train")
-
     for step in bar:
-        t_step = time.perf_counter()
-        timings = {}
+        t_step, timings = time.perf_counter(), {}
         # ---- rollout: G samples of each of this process's prompts, seeded by (seed, step, rank)
         t0 = time.perf_counter()
         batch_rows = step_prompts(step)
@@ -509,131 +604,46 @@ def main(cfg: Config) -> None:
 
         # ---- reward and GRPO advantages (groups never straddle processes)
         t0 = time.perf_counter()
-        golds = [rows[i]["answer"] for i in batch_rows for _ in range(cfg.group_size)]
-        rewards = verifier.score(rollout.texts, golds)
-        truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
-        if cfg.truncated_completions == "wrong":
-            rewards = [0.0 if t else r for r, t in zip(rewards, rollout.truncated)]
-        reward_t = torch.tensor(rewards)
-        seq_adv = grpo_advantages(reward_t, cfg.group_size).to(device)
+        rewards, seq_adv = rewards_and_advantages(cfg, verifier, rollout,
+                                                  [rows[i]["answer"] for i in batch_rows for _ in range(cfg.group_size)])
         timings["reward"] = time.perf_counter() - t0
 
-        # ---- privileged context and teacher scoring (no grad; same response ids appended)
+        # ---- privileged context and teacher scoring (no grad; the same response ids appended)
         t0 = time.perf_counter()
-        n_seq = len(rollout.completion_ids)
-        teacher_logp, teacher_entropy = [None] * n_seq, []
-        if uses_teacher:
-            rng = random.Random(cfg.seed * 7919 + step * 104729 + rank)
-            solutions = [rows[i]["solution"] if cfg.dataset_solution_fallback else None for i in batch_rows]
-            shown = choose_shown_solutions(rewards, rollout.texts, cfg.group_size, solutions, rng)
-            contexts = [(batch_rows[i // cfg.group_size], shown[i], rewards[i] > 0.5) for i in range(n_seq)]
-            rendered = {c: teacher_prompt_ids(tokenizer, cfg, prompts[c[0]], c[1], c[2]) for c in set(contexts)}
-            teacher_prompts = [rendered[c] for c in contexts]
+        teacher_logp, teacher_entropy = [None] * len(rollout.completion_ids), []
+        if cfg.method != "grpo":
             teacher_logp, teacher_entropy = teacher_scores(
-                model, teacher_prompts, rollout.completion_ids, pad_id, device, cfg.score_batch_size, chunk_rows,
+                model, teacher_prompts(cfg, tokenizer, step, rank, rows, prompts, batch_rows, rollout, rewards),
+                rollout.completion_ids, tokenizer.pad_token_id, device, cfg.score_batch_size, chunk_rows,
                 agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()))
         timings["teacher"] = time.perf_counter() - t0
 
-        # ---- gate: lambda for this step (the step's median teacher entropy decides it)
+        # ---- gate: this step's lambda per sequence (the step's teacher statistics decide it)
         all_entropy = gather_floats(accelerator, torch.cat(teacher_entropy) if teacher_entropy else torch.zeros(0))
-        entropy_median = all_entropy.median().item() if all_entropy.numel() else None
         seq_ppl = torch.tensor([math.exp(-(tl.sum() / max(len(c), 1)).item()) if tl is not None else float("nan")
                                 for tl, c in zip(teacher_logp, rollout.completion_ids)])
-        if not uses_teacher:
-            seq_lambda = torch.zeros(n_seq)
-        elif cfg.preset == "paper":
-            lam = controller.update(entropy_median) if cfg.gate == "entropy" else cfg.lambda_max
-            seq_lambda = torch.full((n_seq,), lam)
-        else:
-            seq_lambda = controller.sequence_lambdas(seq_ppl)
+        stats = TeacherStats(all_entropy.median().item() if all_entropy.numel() else None, seq_ppl)
+        seq_lambda = gate.lambdas(stats)
 
         # ---- update: PPO-clip with A_t = A_seq + lambda * delta_t, token-mean over the whole batch
         t0 = time.perf_counter()
-        trained = (~truncated) if cfg.truncated_completions == "mask" else torch.ones(n_seq, dtype=torch.bool)
-        resp_lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
-        total_tokens = accelerator.reduce((resp_lens * trained).sum().to(device), "sum").clamp(min=1)
-        total_seqs = accelerator.reduce(trained.sum().float().to(device), "sum").clamp(min=1)
-        micro_batches = length_sorted_batches([len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)],
-                                              cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
-        old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
-        grad_norm, skipped = None, False
-        for epoch in range(cfg.ppo_epochs):
-            for k, idx in enumerate(micro_batches):
-                ids, attn, targets, pos, mask = pack_sequences([rollout.prompt_ids[i] for i in idx],
-                                                               [rollout.completion_ids[i] for i in idx], pad_id, device)
-                sync = k == len(micro_batches) - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows)
-                    if epoch == 0:  # parameters have not moved yet: this pass is the behaviour policy
-                        old_logp[k] = logp.detach()
-                    signal = torch.zeros_like(logp)
-                    if uses_teacher:
-                        t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
-                        u = (t_logp - old_logp[k]) * mask
-                        signal = controller.process(u, mask, cfg.method) if cfg.preset == "release" else token_signal(u, cfg.method) * mask
-                        if epoch == 0:
-                            u_values.append(u[mask.bool()])
-                            weighted = (seq_lambda[idx] * trained[idx]).to(device)[:, None] * signal  # masked rows carry no loss
-                            stats["bonus"] += weighted.clamp(min=0).sum().item()
-                            stats["penalty"] += weighted.clamp(max=0).sum().item()
-                    adv = combine_advantages(seq_adv[idx], signal, seq_lambda[idx].to(device), mask)
-                    weights = loss_weights(mask * trained[idx].to(device)[:, None], cfg.loss_aggregation,
-                                           total_tokens, total_seqs) * world  # DDP/FSDP average gradients over processes
-                    loss, clipped = ppo_clip_loss(logp, old_logp[k], adv, weights, cfg.clip_eps, clip_high)
-                    accelerator.backward(loss)
-                stats["loss"] += loss.item() / world
-                stats["clipped"] += clipped.item()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                logger.warning("step %d: non-finite gradient norm (%s), update skipped", step, grad_norm.item())
-                optimizer.zero_grad(set_to_none=True)
-                skipped = True
-                break
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        update = update_policy(cfg, accelerator, model, optimizer, scheduler, gate, rollout, tokenizer.pad_token_id,
+                               teacher_logp, seq_adv, seq_lambda, chunk_rows)
         timings["update"] = time.perf_counter() - t0
+        if update["skipped"]:
+            logger.warning("step %d: non-finite gradient norm (%s), update skipped", step + 1, update["grad_norm"].item())
 
-        # ---- controller bookkeeping (release preset learns its references from warm-up steps)
-        u_all = gather_floats(accelerator, torch.cat(u_values) if u_values else torch.zeros(0))
-        if cfg.preset == "release" and uses_teacher:
-            finite = seq_ppl[torch.isfinite(seq_ppl) & (seq_ppl < ReleaseController.PPL_CAP)]
-            ppl_sum = accelerator.reduce(torch.tensor([finite.sum().item(), float(finite.numel())], device=device), "sum")
-            controller.end_step((ppl_sum[0] / ppl_sum[1].clamp(min=1)).item(), u_all.std().item() if u_all.numel() > 1 else 0.0)
+        # ---- gate bookkeeping after the update (the release controller learns its references here)
+        u_all = gather_floats(accelerator, update["u"])
+        finite = seq_ppl[torch.isfinite(seq_ppl) & (seq_ppl < ReleaseController.PPL_CAP)]
+        ppl_sum = accelerator.reduce(torch.tensor([finite.sum().item(), float(finite.numel())], device=device), "sum")
+        gate.end_step((ppl_sum[0] / ppl_sum[1].clamp(min=1)).item(), u_all.std().item() if u_all.numel() > 1 else 0.0)
 
         # ---- log
         step_s = time.perf_counter() - t_step
-        all_rewards = gather_floats(accelerator, reward_t)
-        all_lens = gather_floats(accelerator, resp_lens)
-        all_trunc = gather_floats(accelerator, truncated.float())
-        all_lambda = gather_floats(accelerator, seq_lambda)
-        group_std = gather_floats(accelerator, reward_t.view(-1, cfg.group_size).std(dim=1))
-        sums = accelerator.reduce(torch.tensor([stats["clipped"], stats["bonus"], stats["penalty"], stats["loss"]], device=device), "sum")
-        metrics = {
-            "step": step + 1,
-            "reward/mean": all_rewards.mean().item(),
-            "reward/std": all_rewards.std().item(),
-            "reward/zero_std_groups": (group_std < 1e-8).float().mean().item(),
-            "gate/open": bool(controller.open) if gated else None,
-            "gate/lambda": all_lambda.mean().item(),
-            "teacher/entropy_median": entropy_median,
-            "u/mean": u_all.mean().item() if u_all.numel() else None,
-            "u/frac_negative": (u_all < 0).float().mean().item() if u_all.numel() else None,
-            "signal/bonus_mass": sums[1].item() / total_tokens.item(),
-            "signal/penalty_mass": sums[2].item() / total_tokens.item(),
-            "loss": sums[3].item() / cfg.ppo_epochs,
-            "grad_norm": grad_norm.item() if grad_norm is not None else None,
-            "clip_fraction": sums[0].item() / total_tokens.item() / cfg.ppo_epochs,
-            "update_skipped": skipped,
-            "length/mean": all_lens.mean().item(),
-            "length/max": all_lens.max().item(),
-            "length/truncated_frac": all_trunc.mean().item(),
-            "lr": scheduler.get_last_lr()[0],
-            **{f"time/{k}_s": v for k, v in timings.items()},
-            "time/step_s": step_s,
-            "tokens_per_s": all_lens.sum().item() / step_s,
-            "memory/peak_gib": peak_memory_gib(device),
-        }
+        metrics = step_metrics(accelerator, step, cfg.group_size, cfg.ppo_epochs, rewards, rollout.truncated,
+                               stats.entropy_median, seq_lambda, gate.open, update, u_all, scheduler.get_last_lr()[0],
+                               timings, step_s)
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")

@@ -96,7 +96,7 @@ def normalize_row(raw: dict, index: int, id_prefix: str) -> dict:
     }
 
 
-def row_problem(row: dict) -> str | None:
+def row_defect(row: dict) -> str | None:
     """What is wrong with a normalized row, or None."""
     from verifiers.math import gold_parses
 
@@ -111,13 +111,13 @@ def row_problem(row: dict) -> str | None:
 def check_rows(rows: list[dict], source: str, skip_bad_rows: bool) -> list[dict]:
     good, skipped = [], []
     for index, row in enumerate(rows):
-        problem = row_problem(row)
-        if problem is None:
+        defect = row_defect(row)
+        if defect is None:
             good.append(row)
         elif skip_bad_rows:
-            skipped.append(f"row {index} ({row['id']}): {problem}")
+            skipped.append(f"row {index} ({row['id']}): {defect}")
         else:
-            raise DataError(f"{source}, row {index} (id {row['id']}): {problem}. "
+            raise DataError(f"{source}, row {index} (id {row['id']}): {defect}. "
                             "Fix the row or pass --skip_bad_rows to drop such rows.")
     if skipped:
         logger.warning("%s: skipped %d bad rows; first: %s", source, len(skipped), "; ".join(skipped[:5]))

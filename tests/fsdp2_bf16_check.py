@@ -15,8 +15,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 from data.arith import generate_split
 from distributed import full_weights_for_generation, make_accelerator
 from generation import chat_messages, chat_prompt_ids, sample
+from checkpoints import load_policy
 from scoring import pack_sequences, teacher_scores, token_logprobs
-from train_antisd import Config, load_model_and_tokenizer
 
 # bf16 weights and activations (~3 significant digits); measured here: max 0.03, mean 0.0015
 LOGP_TOLERANCE, MEAN_TOLERANCE = 0.1, 0.01
@@ -38,7 +38,7 @@ def main():
     policy = accelerator.state.fsdp_plugin.mixed_precision_policy
     check(accelerator.is_fsdp2 and (policy.param_dtype, policy.reduce_dtype, policy.output_dtype)
           == (torch.bfloat16, torch.float32, None), f"policy {policy}")
-    model, tokenizer = load_model_and_tokenizer("tiny", Config(bf16=True, gradient_checkpointing=True))
+    model, tokenizer = load_policy("tiny", gradient_checkpointing=True)
     reference = copy.deepcopy(model)  # unsharded fp32
     bf16_reference = copy.deepcopy(model)  # unsharded, parameters rounded as FSDP2 gathers them
     for param in bf16_reference.parameters():

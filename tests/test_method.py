@@ -8,9 +8,10 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import scoring
+from train_antisd import GATES
 from scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
 from train_antisd import (
-    EntropyGate, ReleaseController, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
+    ConstantLambda, EntropyGate, ReleaseController, TeacherStats, make_gate, pmi_signal, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
     grpo_advantages, jsd_phi, loss_weights, ppo_clip_loss, teacher_user_message, token_signal,
 )
 
@@ -73,28 +74,50 @@ def test_entropy_gate_transitions_and_state():
 
 def test_release_controller():
     ctrl = ReleaseController(warmup_steps=2, down_ratio=0.93, reopen_ratio=1.07, lambda_max=0.5, max_response_tokens=3)
-    ppl = torch.tensor([1.5, 2.5, 4.0])
+    stats = TeacherStats(entropy_median=None, seq_ppl=torch.tensor([1.5, 2.5, 4.0]))
     for avg in (2.0, 2.2):
-        assert ctrl.sequence_lambdas(ppl).tolist() == [0.0, 0.0, 0.0]
+        assert ctrl.lambdas(stats).tolist() == [0.0, 0.0, 0.0]
         ctrl.end_step(avg, u_std=1.0)
     assert ctrl.warm_median == pytest.approx(2.1) and ctrl.tau == pytest.approx(0.93 * 2.1)
     assert ctrl.sigma_ref == 1.0 and ctrl.open
-    lam = ctrl.sequence_lambdas(ppl)  # prev avg 2.2 >= tau: open
+    lam = ctrl.lambdas(stats)  # prev avg 2.2 >= tau: open
     expected = [min(max(0.2 * math.log(min(max(p / ctrl.tau, 0.5), 3)), 0), 0.5) for p in (1.5, 2.5)]
     assert lam.tolist() == pytest.approx(expected + [0.0])  # PPL > 3: no signal
     ctrl.end_step(1.5, 1.0)  # below tau: the next step's gate closes
-    assert ctrl.sequence_lambdas(ppl).tolist() == [0.0, 0.0, 0.0] and not ctrl.open
+    assert ctrl.lambdas(stats).tolist() == [0.0, 0.0, 0.0] and not ctrl.open
     ctrl.end_step(2.2, 1.0)  # 2.2 < 1.07 * 2.1 = 2.247: stays closed
-    assert not ctrl.sequence_lambdas(ppl).any()
+    assert not ctrl.lambdas(stats).any()
     ctrl.end_step(2.3, 1.0)
-    assert ctrl.sequence_lambdas(ppl).any() and ctrl.open
+    assert ctrl.lambdas(stats).any() and ctrl.open
     # signal processing: outlier zeroed, z-scored per sequence, long responses dropped
     u = torch.tensor([[0.1, -0.2, 3.0, 0.0], [0.5, -0.5, 0.2, 0.1]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    out = ctrl.process(u, mask, "antisd")
+    out = ctrl.signal(u, mask, "antisd")
     assert out[0, 2] == 0 and out[0, 3] == 0          # |u| > 2 sigma_ref, and padding
     assert out[0, :2].sum().item() == pytest.approx(0, abs=1e-5)  # z-scored over kept tokens
     assert out[1].abs().sum() == 0                    # 4 tokens > max_response_tokens=3
+
+
+def test_every_gate_has_one_interface_and_make_gate_picks_it():
+    from train_antisd import Config
+
+    stats = TeacherStats(entropy_median=1.0, seq_ppl=torch.tensor([1.5, 2.5]))
+    picked = {(m, g): type(make_gate(Config(method=m, gate=g))) for m in ("grpo", "antisd") for g in ("entropy", "none", "release")}
+    assert picked == {("grpo", "entropy"): ConstantLambda, ("grpo", "none"): ConstantLambda, ("grpo", "release"): ConstantLambda,
+                      ("antisd", "entropy"): EntropyGate, ("antisd", "none"): ConstantLambda,
+                      ("antisd", "release"): ReleaseController}
+    assert make_gate(Config(method="antisd", gate="none", lambda_max=0.3)).lambdas(stats).tolist() == pytest.approx([0.3, 0.3])
+    assert make_gate(Config(method="grpo")).open is None
+    for gate in (make_gate(Config(gate=g)) for g in GATES):
+        lam = gate.lambdas(stats)
+        assert lam.shape == (2,) and isinstance(gate.state_dict(), dict)
+        gate.end_step(2.0, 1.0)
+    # the one signal function: u = t - s on the mask (the student a constant), delta as the gate shapes it
+    teacher, student = torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-2.0, -1.0, -5.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    u, delta = pmi_signal(teacher, student, mask, "antisd", EntropyGate())
+    assert u.tolist() == [[1.0, -1.0, 0.0]] and not u.requires_grad
+    torch.testing.assert_close(delta, -jsd_phi(torch.tensor([[1.0, -1.0, 0.0]])) * mask)
 
 
 def test_ppo_clip_loss_and_weights():

@@ -169,7 +169,9 @@ def test_config_file_cli_overrides_and_validation(tmp_path):
 
 def test_release_preset_is_a_layer_of_defaults_under_recipes_and_flags(tmp_path):
     assert parse_config([]).gate_reopen_ratio == 1.0
-    assert parse_config(["--preset", "release"]).gate_reopen_ratio == 1.07
+    released = parse_config(["--preset", "release"])
+    assert (released.gate, released.gate_reopen_ratio) == ("release", 1.07)
+    assert parse_config(["--preset", "release", "--gate", "none"]).gate == "none"
     for flag in ("--gate_reopen_ratio", "--gate-reopen-ratio"):  # a flag always wins, in either spelling
         assert parse_config(["--preset", "release", flag, "1.02"]).gate_reopen_ratio == 1.02
     recipe = tmp_path / "recipe.yaml"

@@ -1,0 +1,78 @@
+"""The training run's metrics: one metrics.jsonl row per step (`step_metrics`), and the file as a
+picture (`plot_metrics`, metrics.png beside it)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from distributed import gather_floats, peak_memory_gib
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    """reward (with its 10-step mean), lambda and the teacher's median entropy over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    for ax, key in zip(axes, ("reward/mean", "gate/lambda", "teacher/entropy_median")):
+        values = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+        ax.plot(steps, values, alpha=0.5 if key == "reward/mean" else 1.0)
+        if key == "reward/mean":  # per-step reward is noisy (few prompts a step): show the trend too
+            window = min(10, len(values))
+            ax.plot(steps[window - 1:], [statistics.fmean(values[i - window + 1:i + 1]) for i in range(window - 1, len(values))],
+                    label=f"mean of {window} steps")
+            ax.legend(loc="lower right")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewards: list[float], truncated: list[bool],
+                 entropy_median: float | None, seq_lambda: torch.Tensor, gate_open: bool | None, update: dict,
+                 u_all: torch.Tensor, lr: float, timings: dict, step_s: float) -> dict:
+    """One metrics.jsonl row of the training loop, over all processes (`update` is what
+    train_antisd.update_policy returns)."""
+    reward_t = torch.tensor(rewards)
+    all_rewards, all_lens = gather_floats(accelerator, reward_t), gather_floats(accelerator, update["resp_lens"])
+    group_std = gather_floats(accelerator, reward_t.view(-1, group_size).std(dim=1))
+    sums = accelerator.reduce(torch.tensor([update["clipped"], update["bonus"], update["penalty"], update["loss"]],
+                                           device=accelerator.device), "sum")
+    total_tokens = update["total_tokens"]
+    return {
+        "step": step + 1,
+        "reward/mean": all_rewards.mean().item(),
+        "reward/std": all_rewards.std().item(),
+        "reward/zero_std_groups": (group_std < 1e-8).float().mean().item(),
+        "gate/open": None if gate_open is None else bool(gate_open),
+        "gate/lambda": gather_floats(accelerator, seq_lambda).mean().item(),
+        "teacher/entropy_median": entropy_median,
+        "u/mean": u_all.mean().item() if u_all.numel() else None,
+        "u/frac_negative": (u_all < 0).float().mean().item() if u_all.numel() else None,
+        "signal/bonus_mass": sums[1].item() / total_tokens,
+        "signal/penalty_mass": sums[2].item() / total_tokens,
+        "loss": sums[3].item() / ppo_epochs,
+        "grad_norm": update["grad_norm"].item() if update["grad_norm"] is not None else None,
+        "clip_fraction": sums[0].item() / total_tokens / ppo_epochs,
+        "update_skipped": update["skipped"],
+        "length/mean": all_lens.mean().item(),
+        "length/max": all_lens.max().item(),
+        "length/truncated_frac": gather_floats(accelerator, torch.tensor(truncated, dtype=torch.float)).mean().item(),
+        "lr": lr,
+        **{f"time/{k}_s": v for k, v in timings.items()},
+        "time/step_s": step_s,
+        "tokens_per_s": all_lens.sum().item() / step_s,
+        "memory/peak_gib": peak_memory_gib(accelerator.device),
+    }
