@@ -43,7 +43,7 @@ def one_size(response_tokens: int, logit_chunk_mb: int, gradient_checkpointing: 
     model, tokenizer = random_qwen3("small")
     install_scoring_head(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     vocab, pad_id = model.config.vocab_size, tokenizer.pad_token_id
     chunk_rows = logit_chunk_rows(vocab, logit_chunk_mb)

@@ -1,0 +1,47 @@
+"""The bench scripts run end to end, tiny, on CPU: gpu_smoke.py's CPU path and scoring_memory.py's short size."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_random_qwen3_ids_fit_the_tokenizer():
+    from bench.random_qwen3 import VOCAB_SIZE, check_decoding, random_qwen3
+
+    model, tokenizer = random_qwen3("small", device="meta")
+    check_decoding(tokenizer)  # ids >= 512 decode to nothing instead of raising
+    assert model.config.vocab_size == VOCAB_SIZE and model.config.tie_word_embeddings
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id < len(tokenizer)
+
+
+def test_gpu_smoke_cpu_path():
+    proc = run_bench("gpu_smoke.py", "--allow_cpu", "--shape", "small", "--steps", "1", "--max_new_tokens", "8",
+                     "--methods", "antisd", "--prompts_per_step", "2", "--group_size", "2",
+                     "--", "--cpu_threads", "1", "--verifier_workers", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for row in ("generate s", "reward s", "teacher s", "update s", "step s", "tokens/s", "peak RSS GiB"):
+        assert f"| {row} |" in proc.stdout, proc.stdout
+    assert "[antisd] step 1/1" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_smoke_refuses_without_gpu():
+    proc = run_bench("gpu_smoke.py", "--shape", "small", timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU found" in proc.stderr and "--allow_cpu" in proc.stderr
+
+
+def test_scoring_memory_short_size():
+    proc = run_bench("scoring_memory.py", "--sizes", "64")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "logit_chunk_mb 512 (294 rows/chunk)  8 x    64 tokens: peak RSS" in proc.stdout, proc.stdout
