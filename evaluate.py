@@ -360,7 +360,7 @@ def generate_missing(problems: dict, args, samples_path: Path) -> int:
 
     from checkpoints import model_dir
 
-    # a training checkpoint (DDP/FSDP weights) is converted once into <output_dir>/model
+    # a training checkpoint with FSDP shards or wrapper-prefixed weights is converted once into <output_dir>/model
     model_path = model_dir(resolve_model(args.model), samples_path.parent / "model")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = {pid: encode_prompt(tokenizer, problems[pid], args) for pid in dict.fromkeys(pid for pid, _ in jobs)}

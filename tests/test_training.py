@@ -256,35 +256,42 @@ def test_two_process_ddp_on_cpu_and_its_checkpoint_loads_whole(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     final = load_file(tmp_path / "model.safetensors")
     checkpoint = tmp_path / "checkpoint-2"
-    assert all(k.startswith("module.") for k in load_file(checkpoint / "model.safetensors"))  # DDP's wrapper prefix
-    # --init_from and evaluate.py read every weight of that folder (converted once), none left at random
+    # --init_from and evaluate.py read every weight of the DDP checkpoint folder (a partial load raises)
+    from checkpoints import load_causal_lm, model_dir
+
+    loaded = load_causal_lm(model_dir(str(checkpoint), tmp_path / "scratch")).state_dict()
+    assert all(torch.equal(loaded[k], final[k]) for k in final)
     run_script(FAST + ["--max_steps", "1", "--init_from", str(checkpoint), "--output_dir", str(tmp_path / "cont")])
-    loaded = load_file(tmp_path / "cont" / "init_model" / "model.safetensors")
-    assert loaded.keys() == final.keys() and all(torch.equal(loaded[k], final[k]) for k in final)
     evaluation = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--bench", "arith", "--model", str(checkpoint),
                                  "--n", "1", "--limit", "2", "--output_dir", str(tmp_path / "eval")],
                                 cwd=REPO, capture_output=True, text=True, timeout=300)
     assert evaluation.returncode == 0, evaluation.stdout[-2000:] + evaluation.stderr[-3000:]
-    evaluated = load_file(tmp_path / "eval" / "model" / "model.safetensors")
-    assert all(torch.equal(evaluated[k], final[k]) for k in final)
 
 
-def test_a_partial_load_is_an_error(tmp_path):
+def test_checkpoint_folders_load_whole_or_not_at_all(tmp_path):
+    """Wrapper-prefixed weights (DDP's `module.`, torch.compile's `_orig_mod.`) are converted once into a
+    model folder that loads whole; read as they are, or with a weight missing, loading is an error."""
     from safetensors.torch import save_file
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
-    from checkpoints import CheckpointError, load_causal_lm
+    from checkpoints import CheckpointError, load_causal_lm, model_dir
 
     tiny = REPO / "models" / "tiny-qwen3"
     weights = load_file(tiny / "model.safetensors")
-    AutoConfig.from_pretrained(tiny).save_pretrained(tmp_path)
-    save_file({f"module.{k}": v for k, v in weights.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    wrapped = tmp_path / "checkpoint-2"
+    AutoConfig.from_pretrained(tiny).save_pretrained(wrapped)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(wrapped)
+    save_file({f"module.{k}": v for k, v in weights.items()}, wrapped / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="not every weight loaded"):  # prefixed keys, read as they are
-        load_causal_lm(str(tmp_path))
-    save_file({k: v for k, v in weights.items() if "layers.0.mlp" not in k}, tmp_path / "model.safetensors",
+        load_causal_lm(str(wrapped))
+    converted = model_dir(str(wrapped), tmp_path / "converted")
+    assert converted == str(tmp_path / "converted")
+    loaded = load_causal_lm(converted).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    save_file({k: v for k, v in weights.items() if "layers.0.mlp" not in k}, wrapped / "model.safetensors",
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="layers.0.mlp"):
-        load_causal_lm(str(tmp_path))
+        load_causal_lm(str(wrapped))
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
