@@ -1,5 +1,5 @@
-"""The training run's metrics: one metrics.jsonl row per step (`step_metrics`), and the file as a
-picture (`plot_metrics`, metrics.png beside it)."""
+"""The training run's metrics: one metrics.jsonl row per step (`step_metrics`), the file as a
+picture (`plot_metrics`, metrics.png beside it), and sampled rollouts (`log_completions`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewards: list[float], truncated: list[bool],
+def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewards: list[float],
+                 reward_parts: dict[str, list[float]], truncated: list[bool],
                  entropy_median: float | None, seq_lambda: torch.Tensor, gate_open: bool | None, update: dict,
                  u_all: torch.Tensor, lr: float, timings: dict, step_s: float) -> dict:
     """One metrics.jsonl row of the training loop, over all processes (`update` is what
@@ -56,6 +57,7 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
         "reward/mean": all_rewards.mean().item(),
         "reward/std": all_rewards.std().item(),
         "reward/zero_std_groups": (group_std < 1e-8).float().mean().item(),
+        **{f"reward/{name}": gathered_nanmean(accelerator, values) for name, values in reward_parts.items()},
         "gate/open": None if gate_open is None else bool(gate_open),
         "gate/lambda": gather_floats(accelerator, seq_lambda).mean().item(),
         "teacher/entropy_median": entropy_median,
@@ -76,3 +78,22 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
         "tokens_per_s": all_lens.sum().item() / step_s,
         "memory/peak_gib": peak_memory_gib(accelerator.device),
     }
+
+
+def gathered_nanmean(accelerator, values: list[float]) -> float | None:
+    """Mean over all processes of the values that are not NaN (a reward function's None), or None."""
+    everything = gather_floats(accelerator, torch.tensor(values))  # drops NaN
+    return everything.mean().item() if everything.numel() else None
+
+
+def log_completions(accelerator, path: Path, step: int, records: list[dict]) -> None:
+    """Append the main process's records to completions.jsonl and log them as a table to the trackers
+    that take tables (wandb)."""
+    if not accelerator.is_main_process or not records:
+        return
+    with path.open("a") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    columns = list(records[0])
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_table"):
+            tracker.log_table("completions", columns=columns, data=[[r[c] for c in columns] for r in records], step=step + 1)

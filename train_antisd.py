@@ -44,10 +44,11 @@ from cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
 from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
 from generation import Samples, chat_messages, chat_prompt_ids, sample
-from metrics import plot_metrics, step_metrics
+from metrics import log_completions, plot_metrics, step_metrics
 from prompts import answer_feedback, teacher_user_message, user_prompt
 from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import MathVerifier, last_boxed_span
+from verifiers.reward_funcs import MATH_VERIFY, MathVerifyReward, load_reward_func, weighted_rewards
 
 logger = logging.getLogger("antisd")
 
@@ -80,7 +81,12 @@ class Config:
     # --- model and data
     model: str = arg("tiny", "HF model id or path; 'tiny' = the embedded model (built on first use).")
     dataset: str = arg("arith", "'arith' (embedded task), a HF dataset id, or a local .jsonl/.parquet.")
+    dataset_config: str | None = arg(None, "Subset (config name) of a hub dataset.")
     dataset_split: str = arg("train", "Split of a hub dataset.")
+    problem_column: str | None = arg(None, "Dataset column holding the problem (text or chat messages); default: "
+                                     "problem/question, or the DAPO schema.")
+    answer_column: str | None = arg(None, "Dataset column holding the gold answer; default: answer.")
+    solution_column: str | None = arg(None, "Dataset column holding a reference solution; default: solution.")
     skip_bad_rows: bool = arg(False, "Drop (and count) rows without answer or with a gold that does not parse.")
     instruction: str | None = arg(None, "Appended to each problem; default: none for arith, the boxed instruction otherwise.")
     system_prompt: str | None = arg(None, "System message for student and teacher alike.")
@@ -97,6 +103,12 @@ class Config:
                                     "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 shard of the "
                                     "8B recipe on an 80 GB GPU (computed, not measured).")
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
+    reward_funcs: list[str] | None = arg(None, "Reward functions with TRL's signature f(completions, **kwargs) -> "
+                                         "list[float], as pkg.module:function or path/file.py:function; kwargs carry "
+                                         "prompts and the row's columns (answer, problem, solution, id). 'math_verify' "
+                                         "is the math verifier, the default. A rollout counts as correct (shown to "
+                                         "siblings, 'correct' feedback) when its reward is > 0.5.")
+    reward_weights: list[float] | None = arg(None, "One weight per reward function (default 1 each).")
     verifier_workers: int = arg(2, "Math-verify worker processes.")
     verifier_timeout_s: float = arg(4.0, "Wall-clock limit of one answer check (the check scores 0 past it).")
     # --- method
@@ -134,6 +146,9 @@ class Config:
                               "temporaries): a chunk takes as many token rows as fit.")
     cpu_threads: int = arg(0, "Torch threads per process on CPU; 0: the machine's physical cores shared among its "
                            "processes (accelerate launch alone sets 1).")
+    log_completions: int = arg(0, "Write this many rollouts per step (of the main process) to completions.jsonl: step, "
+                               "prompt, completion, reward, advantage, mean u, lambda; also a table for trackers that "
+                               "log tables (wandb).")
 
     def validate(self, num_processes: int) -> None:
         choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
@@ -149,6 +164,9 @@ class Config:
             problems.append("--lr_scheduler constant ignores --lr_warmup_steps: use constant_with_warmup")
         if self.resume and self.init_from:
             problems.append("--resume continues a run, --init_from starts a new one: pass only one")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs or [MATH_VERIFY]):
+            problems.append(f"--reward_weights needs one weight per reward function ({len(self.reward_funcs or [1])}), "
+                            f"got {len(self.reward_weights)}")
         if self.cpu_threads < 0:
             problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps",
@@ -462,12 +480,16 @@ def teacher_prompts(cfg: Config, tokenizer, step: int, rank: int, rows: list[dic
 # =====================================================================================
 # 4. One training step, phase by phase (main() calls them in this order).
 # =====================================================================================
-def rewards_and_advantages(cfg: Config, verifier, rollout: Samples, golds: list[str]):
-    """(rewards, GRPO sequence advantages): truncated completions score 0 under 'wrong'."""
-    rewards = verifier.score(rollout.texts, golds)
+def rewards_and_advantages(cfg: Config, reward_funcs: dict, rollout: Samples, prompts: list[str], rows: list[dict]):
+    """(rewards, GRPO sequence advantages, each reward function's rewards): the weighted sum of the
+    reward functions (TRL signature; kwargs: prompts and the rows' columns); truncated completions
+    score 0 under 'wrong'."""
+    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+    weights = cfg.reward_weights or [1.0] * len(reward_funcs)
+    rewards, each = weighted_rewards(reward_funcs, weights, rollout.texts, {"prompts": prompts, **columns})
     if cfg.truncated_completions == "wrong":
         rewards = [0.0 if t else r for r, t in zip(rewards, rollout.truncated)]
-    return rewards, grpo_advantages(torch.tensor(rewards), cfg.group_size)
+    return rewards, grpo_advantages(torch.tensor(rewards), cfg.group_size), each
 
 
 def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: Gate, rollout: Samples, pad_id: int,
@@ -487,6 +509,7 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                                           cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
+    seq_u_mean = torch.full((n_seq,), math.nan)
     grad_norm, skipped = None, False
     for epoch in range(cfg.ppo_epochs):
         for k, idx in enumerate(micro_batches):
@@ -502,6 +525,7 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                     u, signal = pmi_signal(t_logp, old_logp[k], mask, cfg.method, gate)
                     if epoch == 0:
                         u_values.append(u[mask.bool()])
+                        seq_u_mean[idx] = (u.sum(1) / mask.sum(1).clamp(min=1)).cpu()
                         weighted = (seq_lambda[idx] * trained[idx]).to(device)[:, None] * signal  # masked rows carry no loss
                         stats["bonus"] += weighted.clamp(min=0).sum().item()
                         stats["penalty"] += weighted.clamp(max=0).sum().item()
@@ -520,7 +544,7 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "grad_norm": grad_norm,
+    return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "seq_u_mean": seq_u_mean, "grad_norm": grad_norm,
             "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens}
 
 
@@ -545,7 +569,9 @@ def main(cfg: Config) -> None:
     set_seed(cfg.seed)
 
     # ---- data: every prompt rendered once; step k uses prompts [k*P, (k+1)*P) of a seeded order per epoch
-    rows = load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
+    columns = {f: getattr(cfg, f"{f}_column") for f in ("problem", "answer", "solution") if getattr(cfg, f"{f}_column")}
+    rows = load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
+                             config_name=cfg.dataset_config, columns=columns or None)
     instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
     model, tokenizer = load_policy(model_dir(cfg.init_from, out / "init_model", accelerator) if cfg.init_from else cfg.model,
                                    cfg.gradient_checkpointing)
@@ -577,11 +603,15 @@ def main(cfg: Config) -> None:
         start_step = state["step"]
         logger.info("resumed from %s at step %d", resume_from, start_step)
     metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process and metrics_path.exists():  # drop steps past the checkpoint
-        kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and start_step and json.loads(l)["step"] <= start_step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+    for path in (metrics_path, out / "completions.jsonl"):
+        if accelerator.is_main_process and path.exists():  # drop steps past the checkpoint (all of them on a fresh run)
+            kept = [l for l in path.read_text().splitlines() if l.strip() and start_step and json.loads(l)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
     accelerator.init_trackers("antisd", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    verifier = MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
+    specs = cfg.reward_funcs or [MATH_VERIFY]
+    verifier = MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) if MATH_VERIFY in specs else None
+    reward_funcs = {spec.rpartition(":")[2]: MathVerifyReward(verifier) if spec == MATH_VERIFY else load_reward_func(spec)
+                    for spec in specs}  # named by the function, as metrics reward/<name>
     unwrapped = accelerator.unwrap_model(model)
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
 
@@ -604,8 +634,9 @@ def main(cfg: Config) -> None:
 
         # ---- reward and GRPO advantages (groups never straddle processes)
         t0 = time.perf_counter()
-        rewards, seq_adv = rewards_and_advantages(cfg, verifier, rollout,
-                                                  [rows[i]["answer"] for i in batch_rows for _ in range(cfg.group_size)])
+        per_rollout = [i for i in batch_rows for _ in range(cfg.group_size)]
+        rewards, seq_adv, reward_parts = rewards_and_advantages(cfg, reward_funcs, rollout, [prompts[i] for i in per_rollout],
+                                                                [rows[i] for i in per_rollout])
         timings["reward"] = time.perf_counter() - t0
 
         # ---- privileged context and teacher scoring (no grad; the same response ids appended)
@@ -641,9 +672,14 @@ def main(cfg: Config) -> None:
 
         # ---- log
         step_s = time.perf_counter() - t_step
-        metrics = step_metrics(accelerator, step, cfg.group_size, cfg.ppo_epochs, rewards, rollout.truncated,
+        metrics = step_metrics(accelerator, step, cfg.group_size, cfg.ppo_epochs, rewards, reward_parts, rollout.truncated,
                                stats.entropy_median, seq_lambda, gate.open, update, u_all, scheduler.get_last_lr()[0],
                                timings, step_s)
+        if cfg.log_completions:
+            log_completions(accelerator, out / "completions.jsonl", step, [{
+                "step": step + 1, "prompt": prompts[per_rollout[i]], "completion": rollout.texts[i], "reward": rewards[i],
+                "advantage": seq_adv[i].item(), "u_mean": None if math.isnan(update["seq_u_mean"][i]) else update["seq_u_mean"][i].item(),
+                "lambda": seq_lambda[i].item()} for i in range(min(cfg.log_completions, len(rewards)))])
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -662,7 +698,8 @@ def main(cfg: Config) -> None:
     if accelerator.is_main_process:
         plot_metrics(metrics_path, out / "metrics.png")
         logger.info("done: model in %s, metrics in %s", out, metrics_path)
-    verifier.close()
+    if verifier is not None:
+        verifier.close()
     accelerator.end_training()
 
 

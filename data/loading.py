@@ -6,6 +6,8 @@ Every source becomes a list of rows `{"id", "problem", "answer", "solution"}` (s
   DAPO/verl schema (chat `prompt`, `reward_model.ground_truth`);
 - a Hugging Face hub dataset id with either schema, e.g. `BytedTsinghua-SIA/DAPO-Math-17k`;
 - a benchmark name from `BENCHMARKS` (evaluation), from the hub or from `data_file`.
+Other schemas map their columns (`columns={"problem": "question", "answer": "final", ...}`, the
+training flags `--problem_column` etc.); a problem given as chat messages is read as its last user turn.
 
 Rows are checked before any work starts: a row without a problem or answer, or whose gold does not
 parse as math, raises `DataError` naming source, row and field, unless `skip_bad_rows` is set (then
@@ -56,8 +58,8 @@ def is_local_file(source: str) -> bool:
     return Path(source).suffix in LOCAL_SUFFIXES or Path(source).is_file()
 
 
-def read_rows(source: str, split: str) -> list[dict]:
-    """Raw rows of a local file or hub dataset, through `datasets.load_dataset`."""
+def read_rows(source: str, split: str, config_name: str | None = None) -> list[dict]:
+    """Raw rows of a local file or hub dataset (its subset `config_name`), through `datasets.load_dataset`."""
     import datasets
 
     if is_local_file(source):
@@ -67,7 +69,7 @@ def read_rows(source: str, split: str) -> list[dict]:
         builder = LOCAL_SUFFIXES.get(path.suffix, "json")
         return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
     try:
-        return datasets.load_dataset(source, split=split).to_list()
+        return datasets.load_dataset(source, config_name, split=split).to_list()
     except Exception as err:  # offline machines land here: say what to do instead
         raise DataError(
             f"could not load {source!r} (split {split!r}) from the Hugging Face hub: {err}\n"
@@ -75,18 +77,31 @@ def read_rows(source: str, split: str) -> list[dict]:
         ) from err
 
 
-def normalize_row(raw: dict, index: int, id_prefix: str) -> dict:
-    """Map either supported schema to {id, problem, answer, solution}."""
-    if isinstance(raw.get("prompt"), list) and isinstance(raw.get("reward_model"), dict):  # DAPO / verl
+def last_user_turn(messages: list[dict]) -> str | None:
+    return next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
+
+
+def normalize_row(raw: dict, index: int, id_prefix: str, columns: dict[str, str] | None = None) -> dict:
+    """Map a row to {id, problem, answer, solution}: through `columns` (field -> the dataset's column
+    name) when given, else from either supported schema. A problem given as chat messages becomes
+    the text of its last user turn."""
+    if columns:
+        missing = [name for name in columns.values() if name not in raw]
+        if missing:
+            raise DataError(f"row {index}: no column {missing[0]!r} (columns: {sorted(raw)}); check --*_column")
+        raw = {**raw, **{field: raw[name] for field, name in columns.items()}}
+        if isinstance(raw.get("problem"), list):
+            raw["problem"] = last_user_turn(raw["problem"])
+    if isinstance(raw.get("prompt"), list) and isinstance(raw.get("reward_model"), dict) and not columns:  # DAPO / verl
         extra = raw.get("extra_info") or {}
-        problem = extra.get("raw_problem") or next(
-            (m.get("content") for m in reversed(raw["prompt"]) if m.get("role") == "user"), None
-        )
+        problem = extra.get("raw_problem") or last_user_turn(raw["prompt"])
         if problem:
             problem = DAPO_SUFFIX.sub("", DAPO_PREFIX.sub("", problem))
         answer = raw["reward_model"].get("ground_truth")
     else:
         problem, answer = raw.get("problem") or raw.get("question"), raw.get("answer")
+        if isinstance(problem, list):  # chat messages
+            problem = last_user_turn(problem)
     row_id = next((raw[k] for k in ("id", "task_id", "problem_idx") if raw.get(k) is not None), None)
     return {
         "id": str(row_id) if row_id is not None else f"{id_prefix}-{index}",
@@ -136,12 +151,17 @@ def deduplicate(rows: list[dict]) -> list[dict]:
 
 
 def load_math_dataset(source: str, split: str = "train", *, skip_bad_rows: bool = False,
-                      embedded_size: int = 2000, seed: int = 0) -> list[dict]:
-    """Rows of a training or evaluation dataset (see module docstring for `source`)."""
+                      embedded_size: int = 2000, seed: int = 0, config_name: str | None = None,
+                      columns: dict[str, str] | None = None) -> list[dict]:
+    """Rows of a training or evaluation dataset (see module docstring for `source`); `config_name`
+    is a hub subset, `columns` maps problem/answer/solution to the dataset's own column names."""
     if source == EMBEDDED_TASK:
         return arith.generate_split(split, embedded_size, seed=seed)
     id_prefix = Path(source).stem if is_local_file(source) else source.split("/")[-1]
-    rows = [normalize_row(raw, i, id_prefix) for i, raw in enumerate(read_rows(source, split))]
+    try:
+        rows = [normalize_row(raw, i, id_prefix, columns) for i, raw in enumerate(read_rows(source, split, config_name))]
+    except DataError as err:
+        raise DataError(f"{source}: {err}") from err
     return deduplicate(check_rows(rows, source, skip_bad_rows))
 
 
