@@ -45,6 +45,7 @@ from data.loading import default_instruction, load_math_dataset
 from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
 from generation import Samples, chat_messages, chat_prompt_ids, sample
 from metrics import log_completions, plot_metrics, step_metrics
+from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
 from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import MathVerifier, last_boxed_span
@@ -78,6 +79,8 @@ class Config:
     resume: bool = arg(False, "Continue the run in --output_dir from its last complete checkpoint.")
     init_from: str | None = arg(None, "Start a new run from this model or checkpoint folder (the gate re-warms).")
     report_to: str = arg("tensorboard", "accelerate tracker(s), comma-separated: tensorboard, wandb, trackio, none.")
+    push_to_hub: bool = arg(False, "Upload the final model, tokenizer, model card and metrics to the Hub at the end.")
+    hub_model_id: str | None = arg(None, "Hub repo for --push_to_hub (user/name); default: the output directory's name.")
     # --- model and data
     model: str = arg("tiny", "HF model id or path; 'tiny' = the embedded model (built on first use).")
     dataset: str = arg("arith", "'arith' (embedded task), a HF dataset id, or a local .jsonl/.parquet.")
@@ -697,7 +700,10 @@ def main(cfg: Config) -> None:
     save_final_model(accelerator, model, tokenizer, cfg.output_dir, torch.bfloat16 if cfg.bf16 else torch.float32)
     if accelerator.is_main_process:
         plot_metrics(metrics_path, out / "metrics.png")
-        logger.info("done: model in %s, metrics in %s", out, metrics_path)
+        write_model_card(out, {k: v for k, v in asdict(cfg).items() if k != "resume"})
+        logger.info("done: model and model card in %s, metrics in %s", out, metrics_path)
+        if cfg.push_to_hub:
+            logger.info("pushed to %s", push_to_hub(out, cfg.hub_model_id or out.resolve().name))
     if verifier is not None:
         verifier.close()
     accelerator.end_training()

@@ -2,6 +2,7 @@
 readable rollouts (completions.jsonl)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,33 @@ def test_a_dataset_with_other_column_names_trains_through_the_mapping(tmp_path):
     run_script(FAST + ["--dataset", str(data), "--problem_column", "q", "--answer_column", "gold", "--solution_column",
                        "worked", "--max_steps", "1", "--save_steps", "0", "--output_dir", str(tmp_path / "run")])
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+
+
+def test_model_card_holds_the_runs_numbers_and_push_to_hub_uploads_the_output(tmp_path, monkeypatch):
+    """Offline up to the upload call: HfApi's create_repo and upload_folder are recorded, not sent."""
+    import statistics
+
+    import huggingface_hub
+    import yaml
+
+    from train_antisd import main, parse_config
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()),
+                                                         kw["ignore_patterns"])))
+    out = tmp_path / "run"
+    main(parse_config(FAST + ["--method", "antisd", "--max_steps", "2", "--save_steps", "0", "--output_dir", str(out),
+                              "--push_to_hub", "--hub_model_id", "me/tiny-antisd"]))
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "antisd" in front["tags"] and front["library_name"] == "transformers"
+    rows = read_metrics(out)
+    assert f"| reward/mean | {statistics.fmean(r['reward/mean'] for r in rows):.4f} |" in card
+    assert f"| u/mean | {statistics.fmean(r['u/mean'] for r in rows):.4f} |" in card
+    assert "![metrics](metrics.png)" in card and "eprint        = {2605.11609}" in card
+    assert calls[0] == ("create", "me/tiny-antisd")
+    _, repo, files, ignored = calls[1]
+    assert repo == "me/tiny-antisd" and {"README.md", "model.safetensors", "metrics.jsonl", "metrics.png"} <= set(files)
+    assert "checkpoint-*" in ignored
