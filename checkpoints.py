@@ -32,10 +32,19 @@ class CheckpointError(RuntimeError):
     """A model or checkpoint folder that cannot be loaded whole."""
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoint-<step> folders, by step."""
     done = [p for p in Path(output_dir).glob("checkpoint-*")
             if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return sorted(done, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    return (complete_checkpoints(output_dir) or [None])[-1]
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, trainer_state: dict, keep: int) -> None:
@@ -55,7 +64,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, t
             shutil.rmtree(final)
         os.replace(partial, final)  # the commit point
         for old in sorted((p for p in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_RE.match(p.name)),
-                          key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+                          key=checkpoint_step)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 

@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -154,11 +154,17 @@ class EvalConfig:
         "help": "torch CPU threads; default 1 for --model tiny (its matrices are too small to split, and on a busy "
                 "machine more threads wait on each other), else torch's default"})
     num_workers: int = field(default=min(4, os.cpu_count() or 1), metadata={"help": "verifier processes"})
+    checkpoints: bool = field(default=False, metadata={
+        "help": "--model is a training run directory: evaluate each of its checkpoint-<step> folders (into "
+                "<output_dir>/checkpoint-<step>) and write checkpoints.json (a row per step) and checkpoints.png "
+                "(avg@n over the steps)"})
 
     def __post_init__(self):
         """Checks the values and fills the computed defaults (a ValueError is a usage error on the CLI)."""
         if self.samples is None and not self.model:
             raise ValueError("--model is required unless --samples is given")
+        if self.checkpoints and self.samples:
+            raise ValueError("--checkpoints evaluates the checkpoints of the run in --model: not with --samples")
         if self.n < 1 or (self.k and min(self.k) < 1) or (self.limit is not None and self.limit < 1):
             raise ValueError("--n, --k and --limit must be >= 1")
         if self.instruction is None:
@@ -533,10 +539,47 @@ def run(args) -> dict:
     return results
 
 
+def run_checkpoints(args) -> list[dict]:
+    """`run` on every complete checkpoint of the training run in --model; one row per step."""
+    from checkpoints import checkpoint_step, complete_checkpoints
+
+    folders = complete_checkpoints(args.model)
+    if not folders:
+        raise EvalError(f"{args.model}: no complete checkpoint-<step> folders (a training run's --output_dir?)")
+    out_dir = Path(args.output_dir)
+    rows = []
+    for folder in folders:
+        results = run(replace(args, model=str(folder), output_dir=str(out_dir / folder.name), checkpoints=False))
+        rows.append({"step": checkpoint_step(folder), "checkpoint": str(folder), **{
+            k: results[k] for k in ("bench", "n", "num_problems", "avg", "pass_at_k")}})
+    (out_dir / "checkpoints.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot_over_steps(rows, out_dir / "checkpoints.png")
+    print("\n| step | avg@n | " + " | ".join(f"pass@{k}" for k in rows[0]["pass_at_k"]) + " |")
+    for row in rows:
+        print(f"| {row['step']} | {row['avg']:.4f} | " + " | ".join(f"{v:.4f}" for v in row["pass_at_k"].values()) + " |")
+    return rows
+
+
+def plot_over_steps(rows: list[dict], png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["avg"] for r in rows], marker="o")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{rows[0]['bench']} avg@{rows[0]['n']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     args = parse_config(argv)
     try:
-        run(args)
+        run_checkpoints(args) if args.checkpoints else run(args)
     except (DataError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

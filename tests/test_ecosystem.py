@@ -99,3 +99,23 @@ def test_model_card_holds_the_runs_numbers_and_push_to_hub_uploads_the_output(tm
     _, repo, files, ignored = calls[1]
     assert repo == "me/tiny-antisd" and {"README.md", "model.safetensors", "metrics.jsonl", "metrics.png"} <= set(files)
     assert "checkpoint-*" in ignored
+
+
+def test_evaluate_scores_every_checkpoint_of_a_run(tmp_path):
+    import subprocess
+    import sys
+
+    from test_training import REPO
+
+    run = tmp_path / "run"
+    run_script(FAST + ["--method", "grpo", "--max_steps", "2", "--save_steps", "1", "--output_dir", str(run)])
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--bench", "arith", "--model", str(run), "--checkpoints",
+                           "--n", "2", "--limit", "3", "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "checkpoints.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2] and (out / "checkpoints.png").is_file()
+    for row in rows:  # each row is that checkpoint's own evaluation
+        own = json.loads((out / f"checkpoint-{row['step']}" / "results.json").read_text())
+        assert (row["avg"], row["pass_at_k"], row["num_problems"]) == (own["avg"], own["pass_at_k"], 3)
