@@ -86,14 +86,26 @@ def gathered_nanmean(accelerator, values: list[float]) -> float | None:
     return everything.mean().item() if everything.numel() else None
 
 
-def log_completions(accelerator, path: Path, step: int, records: list[dict]) -> None:
-    """Append the main process's records to completions.jsonl and log them as a table to the trackers
-    that take tables (wandb)."""
-    if not accelerator.is_main_process or not records:
+def log_completions(accelerator, path: Path, step: int, count: int, columns: dict[str, list | torch.Tensor]) -> None:
+    """Append the main process's first `count` rollouts (one value each in every column) to
+    completions.jsonl and log them as a table to the trackers that take tables (wandb)."""
+    if not accelerator.is_main_process:
         return
+    rows = []
+    for i in range(min(count, len(columns["completion"]))):
+        values = {k: v[i].item() if isinstance(v, torch.Tensor) else v[i] for k, v in columns.items()}
+        rows.append({"step": step + 1, **{k: None if isinstance(v, float) and v != v else v for k, v in values.items()}})
     with path.open("a") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-    columns = list(records[0])
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    names = list(rows[0]) if rows else []
     for tracker in accelerator.trackers:
-        if hasattr(tracker, "log_table"):
-            tracker.log_table("completions", columns=columns, data=[[r[c] for c in columns] for r in records], step=step + 1)
+        if rows and hasattr(tracker, "log_table"):
+            tracker.log_table("completions", columns=names, data=[[r[c] for c in names] for r in rows], step=step + 1)
+
+
+def drop_steps_after(step: int, *paths: Path) -> None:
+    """Keep only the rows of these jsonl files up to `step` (a resumed run rewrites what follows; a fresh run, all)."""
+    for path in paths:
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and step and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))

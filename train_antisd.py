@@ -44,12 +44,12 @@ from cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
 from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
 from generation import Samples, chat_messages, chat_prompt_ids, sample
-from metrics import log_completions, plot_metrics, step_metrics
+from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
 from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
 from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import MathVerifier, last_boxed_span
-from verifiers.reward_funcs import MATH_VERIFY, MathVerifyReward, load_reward_func, weighted_rewards
+from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs, weighted_rewards
 
 logger = logging.getLogger("antisd")
 
@@ -86,8 +86,7 @@ class Config:
     dataset: str = arg("arith", "'arith' (embedded task), a HF dataset id, or a local .jsonl/.parquet.")
     dataset_config: str | None = arg(None, "Subset (config name) of a hub dataset.")
     dataset_split: str = arg("train", "Split of a hub dataset.")
-    problem_column: str | None = arg(None, "Dataset column holding the problem (text or chat messages); default: "
-                                     "problem/question, or the DAPO schema.")
+    problem_column: str | None = arg(None, "Column of the problem (text or chat messages); default: problem/question.")
     answer_column: str | None = arg(None, "Dataset column holding the gold answer; default: answer.")
     solution_column: str | None = arg(None, "Dataset column holding a reference solution; default: solution.")
     skip_bad_rows: bool = arg(False, "Drop (and count) rows without answer or with a gold that does not parse.")
@@ -101,33 +100,25 @@ class Config:
     temperature: float = arg(1.0, "Rollout sampling temperature. Paper: 1.0.")
     top_p: float = arg(1.0, "Rollout nucleus sampling. Paper: 1.0.")
     generation_batch_size: int = arg(64, "Most sequences per generate() call.")
-    generation_kv_tokens: int = arg(196_608, "KV-cache budget of one generate() call in tokens: a call takes at most "
-                                    "this // (longest prompt + max_new_tokens) sequences. The default holds 27 GiB of "
-                                    "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 shard of the "
-                                    "8B recipe on an 80 GB GPU (computed, not measured).")
+    generation_kv_tokens: int = arg(196_608, "KV-cache budget of one generate() call in tokens: a call takes at most this "
+                                             "// (longest prompt + max_new_tokens) sequences. The default holds 27 GiB of "
+                                             "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 "
+                                             "shard of the 8B recipe on an 80 GB GPU (computed, not measured).")
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
-    reward_funcs: list[str] | None = arg(None, "Reward functions with TRL's signature f(completions, **kwargs) -> "
-                                         "list[float], as pkg.module:function or path/file.py:function; kwargs carry "
-                                         "prompts and the row's columns (answer, problem, solution, id). 'math_verify' "
-                                         "is the math verifier, the default. A rollout counts as correct (shown to "
-                                         "siblings, 'correct' feedback) when its reward is > 0.5.")
+    reward_funcs: list[str] | None = arg(None, "pkg.module:function or file.py:function (TRL signature); default: math_verify.")
     reward_weights: list[float] | None = arg(None, "One weight per reward function (default 1 each).")
     verifier_workers: int = arg(2, "Math-verify worker processes.")
     verifier_timeout_s: float = arg(4.0, "Wall-clock limit of one answer check (the check scores 0 past it).")
     # --- method
     method: str = arg("antisd", "grpo (delta 0) | sd (+u, the paper's +SD) | sd_jsd (+phi(u)) | antisd (-phi(u)).")
-    preset: str = arg("paper", "Defaults under recipe and flags. paper: the entropy gate; release: the authors' released "
-                      "controller (--gate release, --gate_reopen_ratio 1.07).")
-    gate: str = arg("entropy", "entropy: the paper's Schmitt trigger on teacher entropy; none: lambda_max on every step; "
-                    "release: the released per-sequence teacher-perplexity controller.")
+    preset: str = arg("paper", "Defaults under recipe and flags: paper (entropy gate) or release (--gate release, reopen 1.07).")
+    gate: str = arg("entropy", "entropy (paper: Schmitt trigger on teacher entropy) | none (lambda_max always) | release.")
     lambda_max: float = arg(0.5, "lambda of the token signal when the gate is open. Paper: 0.5.")
     gate_warmup_steps: int = arg(5, "W: steps of pure GRPO that calibrate the gate. Paper: 5.")
     gate_down_ratio: float = arg(0.93, "Close the gate below this x H_warm. Paper: 0.93.")
     gate_reopen_ratio: float = arg(1.0, "Re-open at this x H_warm. Paper: 1.00; released controller: 1.07.")
-    dataset_solution_fallback: bool = arg(True, "Show the dataset's solution when no sibling is correct. Paper: yes; "
-                                          "released code: no.")
-    solution_max_tokens: int = arg(1024, "Shown-solution budget in tokens; a longer one keeps its first quarter and last "
-                                   "three quarters.")
+    dataset_solution_fallback: bool = arg(True, "Show the dataset's solution if no sibling is correct (paper: yes; release: no).")
+    solution_max_tokens: int = arg(1024, "Shown-solution budget in tokens (beyond it: first quarter + last three quarters).")
     release_max_response_tokens: int = arg(8192, "--gate release: no signal on longer responses.")
     # --- optimization
     learning_rate: float = arg(2e-4, "AdamW learning rate. Paper: 1e-6 (Qwen3); 2e-4 suits the tiny model.")
@@ -142,16 +133,11 @@ class Config:
     score_batch_size: int = arg(16, "Teacher prompts, then responses, per no-grad teacher forward.")
     max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
     # --- systems
-    bf16: bool = arg(False, "bf16 compute: FSDP2 with bf16 parameters, fp32 gradient reduction and fp32 outputs; "
-                     "without FSDP accelerate's bf16 autocast. Master weights stay fp32; the final model is saved in bf16.")
+    bf16: bool = arg(False, "bf16 compute (FSDP2: bf16 params, fp32 reduction and outputs; else autocast); fp32 master weights.")
     gradient_checkpointing: bool = arg(False, "Recompute each layer in backward instead of storing its activations.")
-    logit_chunk_mb: int = arg(512, "Memory for one chunk of the vocabulary projection (fp32 logits and their "
-                              "temporaries): a chunk takes as many token rows as fit.")
-    cpu_threads: int = arg(0, "Torch threads per process on CPU; 0: the machine's physical cores shared among its "
-                           "processes (accelerate launch alone sets 1).")
-    log_completions: int = arg(0, "Write this many rollouts per step (of the main process) to completions.jsonl: step, "
-                               "prompt, completion, reward, advantage, mean u, lambda; also a table for trackers that "
-                               "log tables (wandb).")
+    logit_chunk_mb: int = arg(512, "Memory for one chunk of the vocabulary projection (fp32 logits and temporaries).")
+    cpu_threads: int = arg(0, "Torch threads per process on CPU; 0: physical cores shared among the processes.")
+    log_completions: int = arg(0, "Rollouts per step (main process) written to completions.jsonl and tracker tables.")
 
     def validate(self, num_processes: int) -> None:
         choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
@@ -606,15 +592,12 @@ def main(cfg: Config) -> None:
         start_step = state["step"]
         logger.info("resumed from %s at step %d", resume_from, start_step)
     metrics_path = out / "metrics.jsonl"
-    for path in (metrics_path, out / "completions.jsonl"):
-        if accelerator.is_main_process and path.exists():  # drop steps past the checkpoint (all of them on a fresh run)
-            kept = [l for l in path.read_text().splitlines() if l.strip() and start_step and json.loads(l)["step"] <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+    if accelerator.is_main_process:
+        drop_steps_after(start_step, metrics_path, out / "completions.jsonl")
     accelerator.init_trackers("antisd", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    specs = cfg.reward_funcs or [MATH_VERIFY]
-    verifier = MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) if MATH_VERIFY in specs else None
-    reward_funcs = {spec.rpartition(":")[2]: MathVerifyReward(verifier) if spec == MATH_VERIFY else load_reward_func(spec)
-                    for spec in specs}  # named by the function, as metrics reward/<name>
+    verifier = (MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
+                if MATH_VERIFY in (cfg.reward_funcs or [MATH_VERIFY]) else None)
+    reward_funcs = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier)
     unwrapped = accelerator.unwrap_model(model)
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
 
@@ -679,10 +662,9 @@ def main(cfg: Config) -> None:
                                stats.entropy_median, seq_lambda, gate.open, update, u_all, scheduler.get_last_lr()[0],
                                timings, step_s)
         if cfg.log_completions:
-            log_completions(accelerator, out / "completions.jsonl", step, [{
-                "step": step + 1, "prompt": prompts[per_rollout[i]], "completion": rollout.texts[i], "reward": rewards[i],
-                "advantage": seq_adv[i].item(), "u_mean": None if math.isnan(update["seq_u_mean"][i]) else update["seq_u_mean"][i].item(),
-                "lambda": seq_lambda[i].item()} for i in range(min(cfg.log_completions, len(rewards)))])
+            log_completions(accelerator, out / "completions.jsonl", step, cfg.log_completions, {
+                "prompt": [prompts[i] for i in per_rollout], "completion": rollout.texts, "reward": rewards,
+                "advantage": seq_adv, "u_mean": update["seq_u_mean"], "lambda": seq_lambda})
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")

@@ -55,6 +55,13 @@ class MathVerifyReward:
         return self.verifier.score(completions, answer)
 
 
+def load_reward_funcs(specs: list[str], verifier=None) -> dict[str, Callable]:
+    """{function name: function} for `--reward_funcs` (the names become metrics reward/<name>);
+    'math_verify' is the given math verifier."""
+    return {spec.rpartition(":")[2]: MathVerifyReward(verifier) if spec == MATH_VERIFY else load_reward_func(spec)
+            for spec in specs}
+
+
 def call_reward_func(name: str, func: Callable, completions: list[str], kwargs: dict) -> list[float]:
     """func's rewards (None -> NaN); an exception or a wrong return names `name` and the sample."""
     try:
