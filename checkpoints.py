@@ -3,14 +3,15 @@
 - `save_checkpoint` writes `checkpoint-<step>` atomically (a `.partial` folder renamed when complete);
   `latest_checkpoint` finds the newest complete one.
 - `model_dir` turns whatever a user points at (a model folder, a hub id, a checkpoint of a DDP or
-  FSDP run) into a folder `from_pretrained` and vLLM read: FSDP shards are merged and wrapper
-  prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) are stripped, once, into a scratch
-  folder.
+  FSDP run, a LoRA run or checkpoint) into a folder `from_pretrained` and vLLM read: FSDP shards are
+  merged, wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) stripped, a LoRA
+  adapter merged into its base, once, into a scratch folder.
 - `load_causal_lm` loads a model and refuses a partial load: a missing, unexpected or mis-shaped
   weight is an error, never a warning.
 - `load_policy` loads the model to train (fp32 master weights, the scoring head installed,
-  layers checkpointed when asked) and its tokenizer.
-- `save_final_model` writes the full model in the training dtype (bf16 after `--bf16`).
+  layers checkpointed when asked, LoRA adapters added by peft when asked) and its tokenizer.
+- `save_final_model` writes the full model in the training dtype (bf16 after `--bf16`), or for a
+  LoRA run the adapter (and, when asked, the merged model in `merged/`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from adapters import is_adapter_dir, is_peft_model, merge_adapter, save_adapter
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FSDP_SHARDS = "pytorch_model_fsdp_0"
@@ -54,7 +57,9 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, t
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    accelerator.save_state(str(partial))  # a LoRA model's whole state: base, adapter, the adapter's optimizer
+    if is_peft_model(accelerator.unwrap_model(model)):  # the adapter alone too, so the folder merges into a model
+        save_adapter(accelerator, model, partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokenizer.save_pretrained(partial)  # with config.json below, `model_dir` can turn the folder into a model
@@ -83,7 +88,7 @@ def _wrapped_weights(path: Path) -> Path | None:
 
 def needs_conversion(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() and ((path / FSDP_SHARDS).is_dir() or _wrapped_weights(path) is not None)
+    return path.is_dir() and (is_adapter_dir(path) or (path / FSDP_SHARDS).is_dir() or _wrapped_weights(path) is not None)
 
 
 def strip_wrapper_prefix(name: str) -> str:
@@ -94,12 +99,15 @@ def strip_wrapper_prefix(name: str) -> str:
 
 
 def convert_checkpoint(path: str | Path, target: str | Path) -> Path:
-    """Write `path`'s weights (FSDP shards merged, wrapper prefixes stripped) + config + tokenizer to `target`."""
+    """Write `path`'s weights (FSDP shards merged, wrapper prefixes stripped, a LoRA adapter merged into
+    its base) + config + tokenizer to `target`."""
     from accelerate.utils import merge_fsdp_weights
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoTokenizer
 
     path, target = Path(path), Path(target)
+    if is_adapter_dir(path):
+        return merge_adapter(path, target)
     if (path / FSDP_SHARDS).is_dir():
         merge_fsdp_weights(str(path / FSDP_SHARDS), str(target))
     else:
@@ -125,12 +133,16 @@ def model_dir(path: str, scratch: str | Path, accelerator=None) -> str:
     return str(scratch)
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, **from_pretrained_kwargs):
     """`AutoModelForCausalLM.from_pretrained`, but a partial load (weights missing, unexpected or of
     the wrong shape: e.g. a checkpoint whose keys carry a wrapper prefix) raises CheckpointError."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True)
+    if is_adapter_dir(name_or_path):
+        raise CheckpointError(f"{name_or_path} holds a LoRA adapter, not a model: pass it through model_dir() "
+                              "(which merges it into its base) first")
+    model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True,
+                                                       **from_pretrained_kwargs)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
@@ -138,29 +150,45 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     return model
 
 
-def load_policy(name_or_path: str, gradient_checkpointing: bool):
+def load_policy(name_or_path: str, gradient_checkpointing: bool, lora: dict | None = None, load_in_4bit: bool = False):
     """(model, tokenizer) to train: fp32 master weights (--bf16 casts in forward), the chunked scoring
-    head installed, layers recomputed in backward when asked. 'tiny' is the embedded model."""
+    head installed, layers recomputed in backward when asked; with `lora` (adapters.add_lora's keyword
+    arguments) a peft model whose adapters alone train, its base in 4 bits with `load_in_4bit`.
+    'tiny' is the embedded model."""
     from transformers import AutoTokenizer
 
+    from adapters import add_lora, quantization_config
     from scoring import install_scoring_head
 
     if name_or_path == "tiny":
         from models.build_tiny_model import ensure_tiny_model
 
         name_or_path = str(ensure_tiny_model())
-    model = load_causal_lm(name_or_path, dtype=torch.float32)
+    quantized = {"quantization_config": quantization_config(), "device_map": {"": torch.cuda.current_device()}} \
+        if load_in_4bit else {}
+    model = load_causal_lm(name_or_path, dtype=torch.float32, **quantized)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     install_scoring_head(model)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        model = add_lora(model, **lora, quantized=load_in_4bit)
     return model, tokenizer
 
 
-def save_final_model(accelerator, model, tokenizer, output_dir: str, dtype: torch.dtype) -> None:
-    """Full weights + tokenizer via save_pretrained, cast to the training dtype (config `dtype` set)."""
+def save_final_model(accelerator, model, tokenizer, output_dir: str, dtype: torch.dtype, merge: bool = False) -> None:
+    """Full weights + tokenizer via save_pretrained, cast to the training dtype (config `dtype` set).
+    A LoRA model saves its adapter + tokenizer instead and, with `merge`, the merged model in `merged/`."""
+    if is_peft_model(accelerator.unwrap_model(model)):
+        save_adapter(accelerator, model, output_dir)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(output_dir)
+            if merge:
+                merge_adapter(output_dir, Path(output_dir) / "merged", dtype)
+        accelerator.wait_for_everyone()
+        return
     state_dict = accelerator.get_state_dict(model)  # gathers full tensors from FSDP shards
     if accelerator.is_main_process:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}

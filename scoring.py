@@ -5,7 +5,9 @@
   at a time (`logit_chunk_rows`), returning fp32 (log-prob, entropy) pairs; with grad each chunk is
   checkpointed so its logits are rebuilt in backward instead of stored. It runs inside the model's
   own forward, so DDP/FSDP hooks see an ordinary forward.
-- `token_logprobs`: the student's (and any single-context) scores of packed prompt+response rows.
+- `token_logprobs`: the student's (and any single-context) scores of packed prompt+response rows;
+  `eval_mode_logprobs` the same without dropout and grad, for models whose training passes are noisy
+  (`has_dropout`: LoRA dropout, attention dropout).
 - `teacher_scores`: each distinct teacher prompt is read once and its KV cache continued by every
   response shown it (full-attention models); others are scored whole.
 """
@@ -132,6 +134,24 @@ def token_logprobs(model, input_ids, attention_mask, targets, positions, respons
     logp = torch.zeros(response_mask.shape, device=scored.device, dtype=torch.float32).masked_scatter(active, scored[:, 0])
     entropy = torch.zeros_like(logp).masked_scatter(active, scored[:, 1]) if with_entropy else None
     return logp, entropy
+
+
+def has_dropout(model) -> bool:
+    """Whether a training-mode forward is noisy: a dropout module with p > 0 or attention dropout."""
+    config = extract_model_from_parallel(model).config.get_text_config(decoder=True)
+    return (getattr(config, "attention_dropout", 0.0) or 0.0) > 0 or any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+@torch.no_grad()
+def eval_mode_logprobs(model, input_ids, attention_mask, targets, positions, response_mask, chunk_rows: int):
+    """token_logprobs in eval mode (no dropout) and without grad; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return token_logprobs(model, input_ids, attention_mask, targets, positions, response_mask, chunk_rows)[0]
+    finally:
+        model.train(was_training)
 
 
 def caches_prefixes(model) -> bool:

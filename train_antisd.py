@@ -47,7 +47,8 @@ from generation import Samples, chat_messages, chat_prompt_ids, sample
 from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
 from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
-from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
+from scoring import (eval_mode_logprobs, has_dropout, length_sorted_batches, logit_chunk_rows, pack_sequences,
+                     teacher_scores, token_logprobs)
 from verifiers.math import MathVerifier, last_boxed_span
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs, weighted_rewards
 
@@ -138,6 +139,19 @@ class Config:
     logit_chunk_mb: int = arg(512, "Memory for one chunk of the vocabulary projection (fp32 logits and temporaries).")
     cpu_threads: int = arg(0, "Torch threads per process on CPU; 0: physical cores shared among the processes.")
     log_completions: int = arg(0, "Rollouts per step (main process) written to completions.jsonl and tracker tables.")
+    # --- LoRA through peft (TRL's flag names); the teacher is the same adapted model
+    use_peft: bool = arg(False, "Train LoRA adapters instead of every weight; output: the adapter (peft format).")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA input in training passes (never in scoring passes).")
+    lora_target_modules: list[str] | None = arg(None, "Modules that get adapters; default: peft's for the architecture; all-linear.")
+    load_in_4bit: bool = arg(False, "QLoRA: the frozen base in 4-bit NF4 (needs bitsandbytes and a CUDA GPU).")
+    merge_adapter: bool = arg(False, "Also save the adapter merged into its base as a full model in <output_dir>/merged.")
+    # --- evaluation during training (evaluate.py's own code, on the main process)
+    eval_steps: int = arg(0, "Evaluate every N steps (0: never) into <output_dir>/eval.jsonl and the trackers.")
+    eval_bench: str | None = arg(None, "Benchmark of --eval_steps (evaluate.py --bench), e.g. arith or aime2025.")
+    eval_n: int = arg(4, "Samples per problem of --eval_steps (avg@n, pass@1 and pass@n).")
+    eval_limit: int | None = arg(None, "Only the first N problems of --eval_bench.")
 
     def validate(self, num_processes: int) -> None:
         choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
@@ -156,6 +170,10 @@ class Config:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs or [MATH_VERIFY]):
             problems.append(f"--reward_weights needs one weight per reward function ({len(self.reward_funcs or [1])}), "
                             f"got {len(self.reward_weights)}")
+        if (self.load_in_4bit or self.merge_adapter) and not self.use_peft:
+            problems.append("--load_in_4bit and --merge_adapter need --use_peft")
+        if self.eval_steps and self.eval_bench is None:
+            problems.append("--eval_steps needs --eval_bench (e.g. arith)")
         if self.cpu_threads < 0:
             problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps",
@@ -486,7 +504,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     """PPO-clip on A_t = A_seq + lambda * delta_t, token-mean over the whole batch of all processes.
 
     The first pass over each micro-batch is the behaviour policy (parameters have not moved), so
-    its log-probs are the student's log pi_S for u and the old log-probs for the ratio.
+    its log-probs are the student's log pi_S for u and the old log-probs for the ratio. A model with
+    dropout (LoRA dropout) takes them from a no-grad eval-mode pass instead, so u carries no dropout noise.
     """
     device, world = accelerator.device, accelerator.num_processes
     n_seq = len(rollout.completion_ids)
@@ -499,14 +518,16 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
     seq_u_mean = torch.full((n_seq,), math.nan)
-    grad_norm, skipped = None, False
+    grad_norm, skipped, noisy = None, False, has_dropout(model)
     for epoch in range(cfg.ppo_epochs):
         for k, idx in enumerate(micro_batches):
-            ids, attn, targets, pos, mask = pack_sequences([rollout.prompt_ids[i] for i in idx],
-                                                           [rollout.completion_ids[i] for i in idx], pad_id, device)
+            packed = pack_sequences([rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id, device)
+            mask = packed[-1]
+            if epoch == 0 and noisy:
+                old_logp[k] = eval_mode_logprobs(model, *packed, chunk_rows)
             with nullcontext() if k == len(micro_batches) - 1 else accelerator.no_sync(model):  # sync on the last
-                logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows)
-                if epoch == 0:
+                logp, _ = token_logprobs(model, *packed, chunk_rows)
+                if epoch == 0 and not noisy:
                     old_logp[k] = logp.detach()
                 signal = torch.zeros_like(logp)
                 if cfg.method != "grpo":
@@ -562,8 +583,9 @@ def main(cfg: Config) -> None:
     rows = load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
                              config_name=cfg.dataset_config, columns=columns or None)
     instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules)
     model, tokenizer = load_policy(model_dir(cfg.init_from, out / "init_model", accelerator) if cfg.init_from else cfg.model,
-                                   cfg.gradient_checkpointing)
+                                   cfg.gradient_checkpointing, lora if cfg.use_peft else None, cfg.load_in_4bit)
     prompts = [user_prompt(r["problem"], instruction) for r in rows]
     prompt_ids = [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
     orders = {}
@@ -577,7 +599,7 @@ def main(cfg: Config) -> None:
         return [orders[i // len(rows)][i % len(rows)] for i in range(first, first + per_rank)]
 
     # ---- model, optimizer, gate, trackers
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps * cfg.ppo_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -679,7 +701,8 @@ def main(cfg: Config) -> None:
             save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step + 1, trainer_state(step + 1), cfg.save_total_limit)
 
     save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, cfg.max_steps, trainer_state(cfg.max_steps), cfg.save_total_limit)
-    save_final_model(accelerator, model, tokenizer, cfg.output_dir, torch.bfloat16 if cfg.bf16 else torch.float32)
+    save_final_model(accelerator, model, tokenizer, cfg.output_dir, torch.bfloat16 if cfg.bf16 else torch.float32,
+                     cfg.merge_adapter)
     if accelerator.is_main_process:
         plot_metrics(metrics_path, out / "metrics.png")
         write_model_card(out, {k: v for k, v in asdict(cfg).items() if k != "resume"})
