@@ -303,14 +303,20 @@ def transformers_generator(model_path: str, tokenizer, args):
     import torch
 
     from checkpoints import load_causal_lm
-    from generation import sample
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = args.num_threads or (1 if args.model == "tiny" else None)
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_causal_lm(model_path, dtype=dtype).to(device).eval()
+    return model_generator(load_causal_lm(model_path, dtype=dtype).to(device).eval(), tokenizer, args)
+
+
+def model_generator(model, tokenizer, args):
+    """The same callable on a model already loaded (the policy in training)."""
+    import torch
+
+    from generation import sample
 
     def generate(prompt_ids: list[list[int]], seed: int):
         torch.manual_seed(seed)
@@ -351,8 +357,9 @@ def batch_seed(seed: int, pid: str, sample_index: int) -> int:
     return int(hashlib.sha256(f"{seed}:{pid}:{sample_index}".encode()).hexdigest()[:8], 16)
 
 
-def generate_missing(problems: dict, args, samples_path: Path) -> int:
-    """Append the samples still missing for each problem to samples_path; returns how many were made."""
+def generate_missing(problems: dict, args, samples_path: Path, policy=None) -> int:
+    """Append the samples still missing for each problem to samples_path; returns how many were made.
+    `policy`: (model, tokenizer) already in memory, used instead of loading --model."""
     done = defaultdict(int)
     for s in read_own_samples(samples_path):
         done[s["id"]] += 1
@@ -366,19 +373,24 @@ def generate_missing(problems: dict, args, samples_path: Path) -> int:
 
     from checkpoints import model_dir
 
-    # a training checkpoint with FSDP shards or wrapper-prefixed weights is converted once into <output_dir>/model
-    model_path = model_dir(resolve_model(args.model), samples_path.parent / "model")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if policy is None:
+        # a training checkpoint (FSDP shards, wrapper-prefixed weights, a LoRA adapter) is converted once into <output_dir>/model
+        model_path = model_dir(resolve_model(args.model), samples_path.parent / "model")
+        tokenizer, config = AutoTokenizer.from_pretrained(model_path), AutoConfig.from_pretrained(model_path)
+    else:
+        tokenizer, config = policy[1], policy[0].config
     prompts = {pid: encode_prompt(tokenizer, problems[pid], args) for pid in dict.fromkeys(pid for pid, _ in jobs)}
-    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    context = getattr(config, "max_position_embeddings", None)
     too_long = [pid for pid, ids in prompts.items() if context and len(ids) + args.max_new_tokens > context]
     if too_long:
         print(f"warning: {len(too_long)} of {len(prompts)} prompts + --max_new_tokens exceed the model's "
               f"max_position_embeddings ({context}), e.g. {too_long[0]} ({len(prompts[too_long[0]])} prompt tokens)")
     jobs.sort(key=lambda job: -len(prompts[job[0]]))  # similar lengths share a batch: less padding
     batch_size = args.batch_size or (512 if args.backend == "vllm" else 32)
-    make = vllm_generator if args.backend == "vllm" else transformers_generator
-    generate = make(model_path, tokenizer, args)
+    if policy is not None:
+        generate = model_generator(policy[0], tokenizer, args)
+    else:
+        generate = (vllm_generator if args.backend == "vllm" else transformers_generator)(model_path, tokenizer, args)
     with open(samples_path, "a") as f, tqdm(total=len(jobs), desc=f"generate {args.bench}", unit="sample") as bar:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
@@ -465,13 +477,14 @@ def write_settings(out_dir: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def run(args) -> dict:
+def run(args, policy=None) -> dict:
+    """Evaluate --model (or `policy`: a (model, tokenizer) in memory) on --bench; results.json's content."""
     t0 = time.time()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1) problems
-    hub_model = not args.samples and args.model != "tiny" and not Path(args.model).exists()
+    hub_model = policy is None and not args.samples and args.model != "tiny" and not Path(args.model).exists()
     if hub_model or (args.data_file is None and args.bench not in (EMBEDDED_TASK, CODE_BENCH)):
         go_offline_without_hub()
     problems = {row["id"]: row for row in load_problems(args)}
@@ -487,7 +500,7 @@ def run(args) -> dict:
     if args.limit:
         problems = dict(list(problems.items())[:args.limit])
     if not args.samples:
-        args.backend = pick_backend(args.backend)
+        args.backend = "transformers" if policy is not None else pick_backend(args.backend)
     write_settings(out_dir, settings_of(args, len(problems)))
     t_load = time.time() - t0
 
@@ -497,7 +510,7 @@ def run(args) -> dict:
         grouped = group_samples(samples, problems)
     else:
         samples_path = out_dir / "samples.jsonl"
-        generated = generate_missing(problems, args, samples_path)
+        generated = generate_missing(problems, args, samples_path, policy)
         grouped = group_samples(read_own_samples(samples_path), problems, limit_per_id=args.n)
     t_gen = time.time() - t0 - t_load
 
@@ -558,6 +571,30 @@ def run_checkpoints(args) -> list[dict]:
     for row in rows:
         print(f"| {row['step']} | {row['avg']:.4f} | " + " | ".join(f"{v:.4f}" for v in row["pass_at_k"].values()) + " |")
     return rows
+
+
+def evaluate_during_training(accelerator, model, tokenizer, args, step: int, log_path: Path) -> dict:
+    """`run` on the training policy's current weights (FSDP2 shards gathered) on the main process, the
+    others waiting; torch's RNG state is restored afterwards, so the training steps are the same as
+    without it. Results go to <args.output_dir>/step-<step>/, a row to `log_path` and the trackers."""
+    import torch
+
+    from distributed import full_weights_for_generation
+
+    row = {}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with full_weights_for_generation(model), torch.random.fork_rng(devices=devices):
+        if accelerator.is_main_process:
+            results = run(replace(args, output_dir=str(Path(args.output_dir) / f"step-{step}")),
+                          policy=(accelerator.unwrap_model(model), tokenizer))
+            row = {"step": step, **{k: results[k] for k in ("bench", "n", "num_problems", "avg", "pass_at_k",
+                                                            "mean_completion_tokens", "truncated_frac")}}
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        accelerator.wait_for_everyone()
+    if row:
+        accelerator.log({"eval/avg": row["avg"], **{f"eval/pass@{k}": v for k, v in row["pass_at_k"].items()}}, step=step)
+    return row
 
 
 def plot_over_steps(rows: list[dict], png_path: Path) -> None:

@@ -43,6 +43,7 @@ from checkpoints import latest_checkpoint, load_policy, model_dir, save_checkpoi
 from cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
 from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
+from evaluate import BENCH_CHOICES, EvalConfig, evaluate_during_training
 from generation import Samples, chat_messages, chat_prompt_ids, sample
 from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
 from model_card import push_to_hub, write_model_card
@@ -172,8 +173,8 @@ class Config:
                             f"got {len(self.reward_weights)}")
         if (self.load_in_4bit or self.merge_adapter) and not self.use_peft:
             problems.append("--load_in_4bit and --merge_adapter need --use_peft")
-        if self.eval_steps and self.eval_bench is None:
-            problems.append("--eval_steps needs --eval_bench (e.g. arith)")
+        if self.eval_steps and self.eval_bench not in BENCH_CHOICES:
+            problems.append(f"--eval_steps needs --eval_bench, one of {BENCH_CHOICES}; got {self.eval_bench!r}")
         if self.cpu_threads < 0:
             problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps",
@@ -615,12 +616,15 @@ def main(cfg: Config) -> None:
         logger.info("resumed from %s at step %d", resume_from, start_step)
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
-        drop_steps_after(start_step, metrics_path, out / "completions.jsonl")
+        drop_steps_after(start_step, metrics_path, out / "completions.jsonl", out / "eval.jsonl")
     accelerator.init_trackers("antisd", config={k: v for k, v in asdict(cfg).items() if v is not None})
     verifier = (MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
                 if MATH_VERIFY in (cfg.reward_funcs or [MATH_VERIFY]) else None)
     reward_funcs = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier)
     unwrapped = accelerator.unwrap_model(model)
+    eval_args = EvalConfig(bench=cfg.eval_bench, model=cfg.model, output_dir=str(out / "eval"), n=cfg.eval_n,
+                           limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_prompt=cfg.system_prompt,
+                           enable_thinking=cfg.enable_thinking, num_workers=cfg.verifier_workers) if cfg.eval_steps else None
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
 
     def trainer_state(step: int) -> dict:
@@ -695,6 +699,10 @@ def main(cfg: Config) -> None:
                 logger.warning("step %d: %.0f%% of completions hit --max_new_tokens %d (--truncated_completions %s)",
                                step + 1, 100 * metrics["length/truncated_frac"], cfg.max_new_tokens, cfg.truncated_completions)
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
+
+        # ---- evaluation (evaluate.py on the current weights; the training RNG stream untouched)
+        if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
+            evaluate_during_training(accelerator, model, tokenizer, eval_args, step + 1, out / "eval.jsonl")
 
         # ---- checkpoint
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
