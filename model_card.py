@@ -45,9 +45,11 @@ def write_model_card(output_dir: str | Path, config: dict) -> Path:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     data = ModelCardData(base_model=config["model"] if is_hub_id(config["model"]) else None,
                          datasets=[config["dataset"]] if is_hub_id(config["dataset"]) else None,
-                         library_name="transformers", pipeline_tag="text-generation",
+                         library_name="peft" if config.get("use_peft") else "transformers", pipeline_tag="text-generation",
                          tags=["antisd", "reinforcement-learning", "rlvr", config["method"]])
     summary = final_metrics(rows)
+    lora = (f"\n\nA LoRA adapter (peft; r={config['lora_r']}, alpha={config['lora_alpha']}) on `{config['model']}`"
+            + (", merged into a full model in `merged/`." if config.get("merge_adapter") else ".")) if config.get("use_peft") else ""
     table = "\n".join(f"| {key} | {'n/a' if value is None else f'{value:.4f}' if isinstance(value, float) else value} |"
                       for key, value in summary.items())
     content = f"""---
@@ -58,7 +60,7 @@ def write_model_card(output_dir: str | Path, config: dict) -> Path:
 
 Trained with `train_antisd.py` ([AntiSD](https://arxiv.org/abs/2605.11609)): {METHOD_NAMES[config["method"]]},
 gate `{config["gate"]}`, from `{config["model"]}` on `{config["dataset"]}`, {len(rows)} steps of
-{config["prompts_per_step"]} prompts x {config["group_size"]} rollouts, learning rate {config["learning_rate"]}.
+{config["prompts_per_step"]} prompts x {config["group_size"]} rollouts, learning rate {config["learning_rate"]}.{lora}
 
 ## Final metrics (mean of the last {min(LAST_STEPS, len(rows))} steps; gate open steps over the whole run)
 
