@@ -78,6 +78,8 @@ def full_weights_for_generation(model):
     `generate` runs without a collective per token (and without synced_gpus); they are freed on exit,
     before the update. Models that are not FSDP2-sharded pass through untouched."""
     units = fsdp_units(model)
+    if units and units[0] is model:  # FSDP2 picks its root in the first forward; peft's generate calls the base
+        model._get_fsdp_state()._lazy_init()  # model's forward, never the root's: decide it now (no-op after once)
     reshard_after = {unit: any(group.post_forward_mesh_info is not None  # each unit's setting, restored on exit
                                for group in unit._get_fsdp_state()._fsdp_param_groups) for unit in units}
     for unit in units:
