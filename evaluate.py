@@ -7,6 +7,8 @@
     python evaluate.py --bench aime2025 --data_file ... --samples runs/x/samples.jsonl   # rescore, no model
 
 Reading order: args -> load problems -> generate (resumable) -> score -> write results.
+`run(args, policy=(model, tokenizer))` evaluates a model already in memory; train_antisd.py's
+--eval_steps calls it through `evaluate_during_training`.
 
 - Prompts: the tokenizer's chat template over (optional system prompt, problem + instruction). Math
   benches append the boxed instruction (none for the embedded `arith` task, whose model was trained
