@@ -154,19 +154,23 @@ def test_4bit_without_bitsandbytes_or_gpu_says_what_is_missing():
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
 def test_two_process_lora_trains_checkpoints_resumes_and_saves_the_adapter(tmp_path, backend):
     """LoRA on 2 gloo processes: DDP, and FSDP2 (frozen base and adapter in the same sharded units) with
-    the GPU recipe's --bf16 --gradient_checkpointing; the adapter is gathered whole and loads with peft."""
+    the GPU recipe's --bf16 --gradient_checkpointing; the adapter is gathered whole and loads with peft;
+    evaluation during training runs on the main process from the gathered weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     env = CPU_FSDP2 if backend == "fsdp2" else {"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}
     extra = ["--bf16", "--gradient_checkpointing"] if backend == "fsdp2" else []
-    args = LORA + ["--prompts_per_step", "4", "--output_dir", str(tmp_path)] + extra
+    args = LORA + ["--prompts_per_step", "4", "--output_dir", str(tmp_path), "--eval_steps", "2", "--eval_bench", "arith",
+                   "--eval_n", "1", "--eval_limit", "2"] + extra
     run_script(args + ["--max_steps", "2"], env=env, launcher=TORCHRUN)
     if backend == "fsdp2":
         assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # really sharded
     run_script(args + ["--max_steps", "3", "--resume"], env=env, launcher=TORCHRUN)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
+    evaluations = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["num_problems"]) for r in evaluations] == [(2, 2)]
     base = AutoModelForCausalLM.from_pretrained(TINY).eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), tmp_path).eval()
     assert (logits_of(adapted) - logits_of(base)).abs().max() > 1e-3
