@@ -211,7 +211,7 @@ def summarize_study(out: Path, runs: list[Run], steps: list[int], temperatures: 
             curves = [summary["runs"][r.name]["eval"][key] for r in complete[m]]
             reach = [next((s for s, a in zip(c["step"], c["avg"]) if a >= target), "never") if target is not None else None
                      for c in curves]
-            for r, c, s in zip(complete[m], curves, reach):
+            for c, s in zip(curves, reach):
                 c["steps_to_grpo_peak"] = s
             stats = {"seeds": [r.seed for r in complete[m]], "steps_to_grpo_peak": reach}
             for stat in ("peak", "final"):
