@@ -488,6 +488,20 @@ def teacher_prompts(cfg: Config, tokenizer, step: int, rank: int, rows: list[dic
 # =====================================================================================
 # 4. One training step, phase by phase (main() calls them in this order).
 # =====================================================================================
+def load_rows(cfg: Config) -> list[dict]:
+    """The dataset's rows; bad rows stop the run here, before the model loads."""
+    columns = {f: getattr(cfg, f"{f}_column") for f in ("problem", "answer", "solution") if getattr(cfg, f"{f}_column")}
+    return load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
+                             config_name=cfg.dataset_config, columns=columns or None)
+
+
+def render_prompts(cfg: Config, tokenizer, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
+    """Each row's student prompt: its text (problem + instruction) and its chat-rendered token ids."""
+    instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
+    prompts = [user_prompt(r["problem"], instruction) for r in rows]
+    return prompts, [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
+
+
 def rewards_and_advantages(cfg: Config, reward_funcs: dict, rollout: Samples, prompts: list[str], rows: list[dict]):
     """(rewards, GRPO sequence advantages, each reward function's rewards): the weighted sum of the
     reward functions (TRL signature; kwargs: prompts and the rows' columns); truncated completions
@@ -580,15 +594,11 @@ def main(cfg: Config) -> None:
     set_seed(cfg.seed)
 
     # ---- data: every prompt rendered once; step k uses prompts [k*P, (k+1)*P) of a seeded order per epoch
-    columns = {f: getattr(cfg, f"{f}_column") for f in ("problem", "answer", "solution") if getattr(cfg, f"{f}_column")}
-    rows = load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
-                             config_name=cfg.dataset_config, columns=columns or None)
-    instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
+    rows = load_rows(cfg)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules)
     model, tokenizer = load_policy(model_dir(cfg.init_from, out / "init_model", accelerator) if cfg.init_from else cfg.model,
                                    cfg.gradient_checkpointing, lora if cfg.use_peft else None, cfg.load_in_4bit)
-    prompts = [user_prompt(r["problem"], instruction) for r in rows]
-    prompt_ids = [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
+    prompts, prompt_ids = render_prompts(cfg, tokenizer, rows)
     orders = {}
 
     def step_prompts(step: int) -> list[int]:
