@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_training import CPU_FSDP2, FAST, REPO, TORCHRUN, read_metrics, run_script
+from evaluate import main as evaluate_main
 from train_antisd import latest_checkpoint, main, parse_config
 
 TINY = REPO / "models" / "tiny-qwen3"
@@ -126,7 +127,7 @@ def test_evaluation_during_training_is_logged_and_leaves_training_unchanged(tmp_
     args = LORA + ["--max_steps", "2", "--save_steps", "0"]
     main(parse_config(args + ["--output_dir", str(tmp_path / "plain")]))
     main(parse_config(args + ["--eval_steps", "1", "--eval_bench", "arith", "--eval_n", "2", "--eval_limit", "3",
-                              "--output_dir", str(tmp_path / "evaluated")]))
+                              "--save_steps", "1", "--save_total_limit", "2", "--output_dir", str(tmp_path / "evaluated")]))
     plain, evaluated = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "evaluated")
     for a, b in zip(plain, evaluated, strict=True):
         for key in ("reward/mean", "u/mean", "loss", "grad_norm", "length/mean"):
@@ -137,6 +138,12 @@ def test_evaluation_during_training_is_logged_and_leaves_training_unchanged(tmp_
     for row in rows:  # evaluate.py's own output, per step
         results = json.loads((tmp_path / "evaluated" / "eval" / f"step-{row['step']}" / "results.json").read_text())
         assert results["avg"] == row["avg"] and results["num_problems"] == 3
+    # the step-1 evaluation saw step 1's weights: evaluate.py on checkpoint-1 samples the same completions
+    evaluate_main(["--bench", "arith", "--model", str(tmp_path / "evaluated" / "checkpoint-1"), "--n", "2", "--limit", "3",
+                   "--max_new_tokens", "40", "--seed", "0", "--output_dir", str(tmp_path / "standalone")])
+    during = (tmp_path / "evaluated" / "eval" / "step-1" / "samples.jsonl").read_text().splitlines()
+    standalone = (tmp_path / "standalone" / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["completion"] for x in during] == [json.loads(x)["completion"] for x in standalone]
 
 
 def test_4bit_without_bitsandbytes_or_gpu_says_what_is_missing():
