@@ -29,9 +29,9 @@ def chat_prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool | Non
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a turn: the generation config's and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """Every id that ends a turn: the generation config's (`model.generation_config`) and the tokenizer's."""
+    ids = generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -44,6 +44,8 @@ class Samples:
     completion_ids: list[list[int]]  # up to and including the first EOS
     truncated: list[bool]  # no EOS within max_new_tokens
     texts: list[str]  # completions decoded without special tokens
+    # the sampler's own log-prob of each completion token (vLLM); None where the trainer's model sampled
+    sampler_logprobs: list[list[float]] | None = None
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +96,7 @@ def sample(
     reproducible samples. A sharded model must hold its full weights meanwhile
     (`distributed.full_weights_for_generation`): each process then generates on its own.
     """
-    eos_ids = eos_token_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model.generation_config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     was_training = model.training

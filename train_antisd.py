@@ -16,7 +16,7 @@ teacher is shown) -> 4. One training step, phase by phase -> 5. main(): data -> 
 -> privileged context -> teacher scoring -> signal + gate -> update -> log/checkpoint.
 Systems code lives beside this file and is not for method edits: scoring.py (chunked sampled-token
 scoring), distributed.py (accelerator, precision, gathered generation), checkpoints.py, generation.py,
-prompts.py (every text the model reads). Importing this file does no work.
+rollouts.py (the rollout backends: transformers, vLLM), prompts.py (every text the model reads). Importing this file does no work.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ from transformers import get_scheduler
 from checkpoints import latest_checkpoint, load_policy, model_dir, save_checkpoint, save_final_model
 from cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
-from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
-from generation import Samples, chat_messages, chat_prompt_ids, sample
+from distributed import gather_floats, make_accelerator, set_cpu_threads
+from generation import Samples, chat_messages, chat_prompt_ids
 from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
 from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
+from rollouts import ROLLOUT_BACKENDS, SamplingSettings, make_rollouts, rollout_seed
 from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import MathVerifier, last_boxed_span
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs, weighted_rewards
@@ -104,6 +105,12 @@ class Config:
                                              "// (longest prompt + max_new_tokens) sequences. The default holds 27 GiB of "
                                              "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 "
                                              "shard of the 8B recipe on an 80 GB GPU (computed, not measured).")
+    rollout_backend: str = arg("transformers", "transformers (the trained model samples itself) | vllm (a colocated vLLM "
+                                               "engine per process, GPUs only; see README, Rollout backends).")
+    vllm_gpu_memory_utilization: float = arg(0.3, "--rollout_backend vllm: share of the GPU's memory the engine may take "
+                                                  "while awake (weights + KV cache); it sleeps during scoring and the update.")
+    importance_sampling_cap: float = arg(3.0, "Truncated importance sampling of a sampler's own log-probs (vLLM): the ratio "
+                                              "pi_trainer/pi_sampler of each token capped here (TRL's default); 0: not applied.")
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
     reward_funcs: list[str] | None = arg(None, "pkg.module:function or file.py:function (TRL signature); default: math_verify.")
     reward_weights: list[float] | None = arg(None, "One weight per reward function (default 1 each).")
@@ -141,7 +148,7 @@ class Config:
 
     def validate(self, num_processes: int) -> None:
         choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
-                   "truncated_completions": ("mask", "wrong"), "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
+                   "truncated_completions": ("mask", "wrong"), "rollout_backend": ROLLOUT_BACKENDS, "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
         problems = [f"--{name} must be one of {allowed}, got {getattr(self, name)!r}"
                     for name, allowed in choices.items() if getattr(self, name) not in allowed]
         if self.group_size < 2:
@@ -156,6 +163,10 @@ class Config:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs or [MATH_VERIFY]):
             problems.append(f"--reward_weights needs one weight per reward function ({len(self.reward_funcs or [1])}), "
                             f"got {len(self.reward_weights)}")
+        if self.importance_sampling_cap != 0 and self.importance_sampling_cap < 1:
+            problems.append(f"--importance_sampling_cap must be >= 1 (0: off), got {self.importance_sampling_cap}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            problems.append(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.cpu_threads < 0:
             problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps",
@@ -396,6 +407,15 @@ def loss_weights(mask: torch.Tensor, aggregation: str, total_tokens: float, tota
     return mask / mask.sum(1, keepdim=True).clamp(min=1) / total_seqs
 
 
+def truncated_is_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float):
+    """(weights, ratios): ratio = pi_trainer / pi_sampler of each sampled token (1 off the mask) and
+    the weight min(ratio, cap) that multiplies its policy-gradient term (TRL's token-level truncated
+    importance sampling). A sampler with its own kernels and precision (vLLM) samples from a slightly
+    different distribution than the trainer scores; cap 0 leaves the weights at 1."""
+    ratio = torch.exp((trainer_logp.detach() - sampler_logp) * mask)
+    return (ratio.clamp(max=cap) if cap else torch.ones_like(ratio)), ratio
+
+
 # =====================================================================================
 # 3. Privileged context (paper App. C): a verified sibling solution + feedback on the own attempt.
 #    Edit: what is shown here; the texts themselves (teacher template, feedback) are in prompts.py.
@@ -486,7 +506,9 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     """PPO-clip on A_t = A_seq + lambda * delta_t, token-mean over the whole batch of all processes.
 
     The first pass over each micro-batch is the behaviour policy (parameters have not moved), so
-    its log-probs are the student's log pi_S for u and the old log-probs for the ratio.
+    its log-probs are the student's log pi_S for u and the old log-probs for the ratio. When the
+    sampler returned its own log-probs (vLLM), each token's term is weighted by the truncated
+    importance ratio pi_trainer / pi_sampler against that small mismatch.
     """
     device, world = accelerator.device, accelerator.num_processes
     n_seq = len(rollout.completion_ids)
@@ -497,7 +519,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     micro_batches = length_sorted_batches([len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)],
                                           cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-    old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
+    old_logp, is_weights, u_values, stats = {}, {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
+    is_stats = torch.zeros(4, device=device)  # sum of ratios, tokens, tokens capped, max ratio
     seq_u_mean = torch.full((n_seq,), math.nan)
     grad_norm, skipped = None, False
     for epoch in range(cfg.ppo_epochs):
@@ -508,6 +531,15 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                 logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows)
                 if epoch == 0:
                     old_logp[k] = logp.detach()
+                    if rollout.sampler_logprobs is not None:
+                        s_logp = torch.nn.utils.rnn.pad_sequence([torch.tensor(rollout.sampler_logprobs[i]) for i in idx],
+                                                                 batch_first=True).to(device)
+                        is_weights[k], ratio = truncated_is_weights(old_logp[k], s_logp, mask, cfg.importance_sampling_cap)
+                        r = ratio[mask.bool() & trained[idx].to(device)[:, None]]
+                        is_stats[0] += r.sum()
+                        is_stats[1] += r.numel()
+                        is_stats[2] += (r > cfg.importance_sampling_cap).sum() if cfg.importance_sampling_cap else 0
+                        is_stats[3] = torch.maximum(is_stats[3], r.max()) if r.numel() else is_stats[3]
                 signal = torch.zeros_like(logp)
                 if cfg.method != "grpo":
                     t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
@@ -521,6 +553,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                 adv = combine_advantages(seq_adv[idx].to(device), signal, seq_lambda[idx].to(device), mask)
                 weights = loss_weights(mask * trained[idx].to(device)[:, None], cfg.loss_aggregation,
                                        total_tokens, total_seqs) * world  # DDP/FSDP average gradients over processes
+                if k in is_weights:  # only a sampler with its own log-probs: the transformers path is untouched
+                    weights = weights * is_weights[k]
                 loss, clipped = ppo_clip_loss(logp, old_logp[k], adv, weights, cfg.clip_eps, clip_high)
                 accelerator.backward(loss)
             stats["loss"] += loss.item() / world
@@ -534,7 +568,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "seq_u_mean": seq_u_mean, "grad_norm": grad_norm,
-            "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens}
+            "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens,
+            "is_stats": is_stats if rollout.sampler_logprobs is not None else None}
 
 
 # =====================================================================================
@@ -600,6 +635,12 @@ def main(cfg: Config) -> None:
     reward_funcs = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier)
     unwrapped = accelerator.unwrap_model(model)
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
+    rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, model_path=unwrapped.name_or_path,
+                             dtype=torch.bfloat16 if cfg.bf16 else torch.float32, seed=cfg.seed,
+                             batch_size=cfg.generation_batch_size, max_batch_tokens=cfg.generation_kv_tokens,
+                             vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                             max_model_len=max(map(len, prompt_ids)) + cfg.max_new_tokens)
+    sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
 
     def trainer_state(step: int) -> dict:
         return {"next_prompt": step * cfg.prompts_per_step, "controller": gate.state_dict()}
@@ -611,11 +652,11 @@ def main(cfg: Config) -> None:
         # ---- rollout: G samples of each of this process's prompts, seeded by (seed, step, rank)
         t0 = time.perf_counter()
         batch_rows = step_prompts(step)
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        with full_weights_for_generation(model):  # FSDP2: shards gathered once per step, freed before the update
-            rollout = sample(unwrapped, tokenizer, [prompt_ids[i] for i in batch_rows for _ in range(cfg.group_size)],
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                             batch_size=cfg.generation_batch_size, max_batch_tokens=cfg.generation_kv_tokens)
+        rollouts.load_weights(unwrapped)  # vLLM: the weights of the last update pushed into the engine
+        rollouts.wake()
+        rollout = rollouts.generate([prompt_ids[i] for i in batch_rows for _ in range(cfg.group_size)], sampling,
+                                    seed=rollout_seed(cfg.seed, step, rank))
+        rollouts.sleep()  # vLLM: its weights and KV cache freed for teacher scoring and the update
         timings["generate"] = time.perf_counter() - t0
 
         # ---- reward and GRPO advantages (groups never straddle processes)

@@ -1,5 +1,6 @@
 """The bench scripts run end to end, tiny, on CPU: gpu_smoke.py's CPU path and scoring_memory.py's short size."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -32,7 +33,13 @@ def test_gpu_smoke_cpu_path():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for row in ("generate s", "reward s", "teacher s", "update s", "step s", "tokens/s", "peak RSS GiB"):
         assert f"| {row} |" in proc.stdout, proc.stdout
-    assert "[antisd] step 1/1" in proc.stdout
+    assert "[antisd, transformers] step 1/1" in proc.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the refusal where vllm is missing")
+def test_gpu_smoke_names_missing_vllm():
+    proc = run_bench("gpu_smoke.py", "--allow_cpu", "--rollout_backend", "transformers", "vllm", timeout=120)
+    assert proc.returncode == 2 and "--rollout_backend vllm needs vllm: pip install -r requirements-vllm.txt" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
