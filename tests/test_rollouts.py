@@ -96,7 +96,7 @@ def test_training_with_stand_in_vllm(tmp_path, monkeypatch):
 
     def update(cfg, accelerator, model, *args):
         events.append(("update", None))
-        rollouts_seen.append(args[4])  # the Samples trained on
+        rollouts_seen.append(args[3])  # the Samples trained on
         result = update_policy(cfg, accelerator, model, *args)
         trained_after.append({n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()})
         return result
