@@ -71,11 +71,12 @@ def cut_at_eos(token_ids: list[int], eos_ids: list[int]) -> tuple[list[int], boo
 
 class TransformersRollouts:
     """The trained model samples itself (`generation.sample`): at most `batch_size` sequences and
-    `max_batch_tokens` KV-cache tokens per `generate` call."""
+    `max_batch_tokens` KV-cache tokens per `generate` call, decoded as `decoding` says
+    (`generation.DECODINGS`; `generate` is transformers' own loop)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, max_batch_tokens: int | None = None,
-                 progress: bool = False):
-        self.model, self.tokenizer = model, tokenizer
+                 progress: bool = False, decoding: str = "generate"):
+        self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.batch_size, self.max_batch_tokens, self.progress = batch_size, max_batch_tokens, progress
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings, seed: int) -> Samples:
@@ -83,7 +84,7 @@ class TransformersRollouts:
         with full_weights_for_generation(self.model):  # FSDP2: shards gathered once, freed before the update
             return sample(self.model, self.tokenizer, prompt_ids, max_new_tokens=settings.max_new_tokens,
                           temperature=settings.temperature, top_p=settings.top_p, batch_size=self.batch_size,
-                          max_batch_tokens=self.max_batch_tokens, progress=self.progress)
+                          max_batch_tokens=self.max_batch_tokens, progress=self.progress, decoding=self.decoding)
 
     def load_weights(self, model) -> None:  # it samples from the trained model itself
         pass
@@ -171,11 +172,12 @@ class VLLMRollouts:
 
 
 def make_rollouts(backend: str, model, tokenizer, *, model_path: str, dtype: torch.dtype, seed: int,
-                  batch_size: int, max_batch_tokens: int | None, vllm_gpu_memory_utilization: float,
+                  batch_size: int, max_batch_tokens: int | None, decoding: str, vllm_gpu_memory_utilization: float,
                   max_model_len: int) -> RolloutBackend:
     """The training loop's backend: `model` samples itself, or a colocated vLLM engine started from `model_path`."""
     if backend == "transformers":
-        return TransformersRollouts(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        return TransformersRollouts(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                    decoding=decoding)
     if backend == "vllm":
         return VLLMRollouts(model_path, tokenizer, eos_token_ids(model.generation_config, tokenizer),
                             dtype=str(dtype).removeprefix("torch."), gpu_memory_utilization=vllm_gpu_memory_utilization,

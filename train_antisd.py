@@ -43,7 +43,7 @@ from checkpoints import latest_checkpoint, load_policy, model_dir, save_checkpoi
 from cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
 from distributed import gather_floats, make_accelerator, set_cpu_threads
-from generation import Samples, chat_messages, chat_prompt_ids
+from generation import DECODINGS, Samples, chat_messages, chat_prompt_ids
 from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
 from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
@@ -107,6 +107,9 @@ class Config:
                                              "shard of the 8B recipe on an 80 GB GPU (computed, not measured).")
     rollout_backend: str = arg("transformers", "transformers (the trained model samples itself) | vllm (a colocated vLLM "
                                                "engine per process, GPUs only; see README, Rollout backends).")
+    transformers_decoding: str = arg("generate", "--rollout_backend transformers: generate (transformers' loop) | static (KV "
+                                                 "cache) | compiled (static + torch.compile) | shrink (finished rollouts leave "
+                                                 "the batch; samples differ). bench/step_time.py --decodings compares them.")
     vllm_gpu_memory_utilization: float = arg(0.3, "--rollout_backend vllm: share of the GPU's memory the engine may take "
                                                   "while awake (weights + KV cache); it sleeps during scoring and the update.")
     importance_sampling_cap: float = arg(3.0, "Truncated importance sampling of a sampler's own log-probs (vLLM): the ratio "
@@ -148,7 +151,8 @@ class Config:
 
     def validate(self, num_processes: int) -> None:
         choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
-                   "truncated_completions": ("mask", "wrong"), "rollout_backend": ROLLOUT_BACKENDS, "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
+                   "truncated_completions": ("mask", "wrong"), "rollout_backend": ROLLOUT_BACKENDS,
+                   "transformers_decoding": DECODINGS, "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
         problems = [f"--{name} must be one of {allowed}, got {getattr(self, name)!r}"
                     for name, allowed in choices.items() if getattr(self, name) not in allowed]
         if self.group_size < 2:
@@ -638,6 +642,7 @@ def main(cfg: Config) -> None:
     rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, model_path=unwrapped.name_or_path,
                              dtype=torch.bfloat16 if cfg.bf16 else torch.float32, seed=cfg.seed,
                              batch_size=cfg.generation_batch_size, max_batch_tokens=cfg.generation_kv_tokens,
+                             decoding=cfg.transformers_decoding,
                              vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                              max_model_len=max(map(len, prompt_ids)) + cfg.max_new_tokens)
     sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)

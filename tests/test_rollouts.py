@@ -43,6 +43,29 @@ def test_transformers_backend_is_a_seeded_generate(tiny):
     assert len(set(map(tuple, got.completion_ids))) > 1  # sampled, not greedy
 
 
+def test_static_cache_samples_what_generate_samples(tiny):
+    model, tokenizer, prompts = tiny
+    want = TransformersRollouts(model, tokenizer).generate(prompts, SamplingSettings(24), seed=4)
+    got = TransformersRollouts(model, tokenizer, decoding="static").generate(prompts, SamplingSettings(24), seed=4)
+    assert got.completion_ids == want.completion_ids and got.truncated == want.truncated
+
+
+def test_shrinking_decode(tiny):
+    """Greedy, finished rows leaving the batch change nothing; sampled, rows end at EOS or the budget."""
+    model, tokenizer, prompts = tiny
+    greedy = SamplingSettings(24, temperature=0)
+    want = TransformersRollouts(model, tokenizer).generate(prompts, greedy, seed=0)
+    shrink = TransformersRollouts(model, tokenizer, decoding="shrink")
+    assert shrink.generate(prompts, greedy, seed=0).completion_ids == want.completion_ids
+    sampled = shrink.generate(prompts * 2, SamplingSettings(24), seed=1)
+    eos = model.generation_config.eos_token_id
+    assert all((row[-1] == eos) != cut and eos not in row[:-1] and len(row) <= 24
+               for row, cut in zip(sampled.completion_ids, sampled.truncated))
+    assert sampled.completion_ids == shrink.generate(prompts * 2, SamplingSettings(24), seed=1).completion_ids
+    lengths = {len(row) for row in sampled.completion_ids}
+    assert len(lengths) > 1  # rows did end at different lengths
+
+
 def test_rollout_seeds_differ_by_step_and_rank():
     seeds = {rollout_seed(0, step, rank) for step in range(200) for rank in range(8)}
     assert len(seeds) == 200 * 8
@@ -54,7 +77,8 @@ def test_vllm_backend_without_vllm_names_the_package(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ImportError, match=r"--rollout_backend vllm needs the `vllm` package.*pip install"):
         make_rollouts("vllm", model, tokenizer, model_path=model.name_or_path, dtype=torch.float32, seed=0,
-                      batch_size=8, max_batch_tokens=None, vllm_gpu_memory_utilization=0.3, max_model_len=256)
+                      batch_size=8, max_batch_tokens=None, decoding="generate", vllm_gpu_memory_utilization=0.3,
+                      max_model_len=256)
 
 
 def test_vllm_backend_returns_the_engines_tokens_and_logprobs(tiny, monkeypatch):
