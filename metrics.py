@@ -53,10 +53,10 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
                                            device=accelerator.device), "sum")
     total_tokens = update["total_tokens"]
     sampling = {}
-    if update["is_stats"] is not None:  # a sampler with its own log-probs (vLLM): the importance ratios pi_trainer/pi_sampler
-        ratio_sum, tokens, capped = accelerator.reduce(update["is_stats"][:3], "sum").tolist()
-        sampling = {"sampling/is_ratio_mean": ratio_sum / max(tokens, 1), "sampling/is_capped_frac": capped / max(tokens, 1),
-                    "sampling/is_ratio_max": accelerator.reduce(update["is_stats"][3:], "max").item()}
+    if update["is_values"] is not None:  # a sampler with its own log-probs (vLLM): importance ratios pi_trainer/pi_sampler
+        ratio, weight = (gather_floats(accelerator, values) for values in update["is_values"])
+        sampling = {"sampling/is_ratio_mean": ratio.mean().item(), "sampling/is_ratio_max": ratio.max().item(),
+                    "sampling/is_capped_frac": (weight < ratio).float().mean().item()} if ratio.numel() else {}
     return {
         "step": step + 1,
         "reward/mean": all_rewards.mean().item(),

@@ -171,15 +171,15 @@ class VLLMRollouts:
             self.llm.sleep(level=2)
 
 
-def make_rollouts(backend: str, model, tokenizer, *, model_path: str, dtype: torch.dtype, seed: int,
-                  batch_size: int, max_batch_tokens: int | None, decoding: str, vllm_gpu_memory_utilization: float,
-                  max_model_len: int) -> RolloutBackend:
-    """The training loop's backend: `model` samples itself, or a colocated vLLM engine started from `model_path`."""
+def make_rollouts(backend: str, model, tokenizer, decoding: str, batch_size: int, max_batch_tokens: int | None,
+                  dtype: torch.dtype, seed: int, vllm_gpu_memory_utilization: float, max_model_len: int) -> RolloutBackend:
+    """The training loop's backend: `model` samples itself (`decoding`, `batch_size` sequences and
+    `max_batch_tokens` per generate call), or a colocated vLLM engine started from the model's path."""
     if backend == "transformers":
         return TransformersRollouts(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                                     decoding=decoding)
     if backend == "vllm":
-        return VLLMRollouts(model_path, tokenizer, eos_token_ids(model.generation_config, tokenizer),
+        return VLLMRollouts(model.name_or_path, tokenizer, eos_token_ids(model.generation_config, tokenizer),
                             dtype=str(dtype).removeprefix("torch."), gpu_memory_utilization=vllm_gpu_memory_utilization,
                             max_model_len=max_model_len, seed=seed, colocate=True)
     raise ValueError(f"unknown rollout backend {backend!r}; choose from {ROLLOUT_BACKENDS}")

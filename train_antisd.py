@@ -15,8 +15,8 @@ advantages, the gates, the loss: change the algorithm here) -> 3. Privileged con
 teacher is shown) -> 4. One training step, phase by phase -> 5. main(): data -> rollout -> reward
 -> privileged context -> teacher scoring -> signal + gate -> update -> log/checkpoint.
 Systems code lives beside this file and is not for method edits: scoring.py (chunked sampled-token
-scoring), distributed.py (accelerator, precision, gathered generation), checkpoints.py, generation.py,
-rollouts.py (the rollout backends: transformers, vLLM), prompts.py (every text the model reads). Importing this file does no work.
+scoring), distributed.py (accelerator, precision, gathered generation), checkpoints.py, rollouts.py
+(transformers or vLLM rollouts) and generation.py, prompts.py (every text the model reads). Importing this file does no work.
 """
 
 from __future__ import annotations
@@ -105,15 +105,11 @@ class Config:
                                              "// (longest prompt + max_new_tokens) sequences. The default holds 27 GiB of "
                                              "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 "
                                              "shard of the 8B recipe on an 80 GB GPU (computed, not measured).")
-    rollout_backend: str = arg("transformers", "transformers (the trained model samples itself) | vllm (a colocated vLLM "
-                                               "engine per process, GPUs only; see README, Rollout backends).")
-    transformers_decoding: str = arg("generate", "--rollout_backend transformers: generate (transformers' loop) | static (KV "
-                                                 "cache) | compiled (static + torch.compile) | shrink (finished rollouts leave "
-                                                 "the batch; samples differ). bench/step_time.py --decodings compares them.")
-    vllm_gpu_memory_utilization: float = arg(0.3, "--rollout_backend vllm: share of the GPU's memory the engine may take "
-                                                  "while awake (weights + KV cache); it sleeps during scoring and the update.")
-    importance_sampling_cap: float = arg(3.0, "Truncated importance sampling of a sampler's own log-probs (vLLM): the ratio "
-                                              "pi_trainer/pi_sampler of each token capped here (TRL's default); 0: not applied.")
+    rollout_backend: str = arg("transformers", "transformers (the policy samples itself) | vllm (a colocated engine per GPU).")
+    transformers_decoding: str = arg("generate", "generate | static (KV cache) | compiled (static + torch.compile) | shrink "
+                                                 "(finished rollouts leave the batch; other samples).")
+    vllm_gpu_memory_utilization: float = arg(0.3, "GPU memory share of the vLLM engine while awake (it sleeps otherwise).")
+    importance_sampling_cap: float = arg(3.0, "Cap of the per-token ratio pi_trainer/pi_sampler (vLLM log-probs); 0: off.")
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
     reward_funcs: list[str] | None = arg(None, "pkg.module:function or file.py:function (TRL signature); default: math_verify.")
     reward_weights: list[float] | None = arg(None, "One weight per reward function (default 1 each).")
@@ -523,8 +519,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     micro_batches = length_sorted_batches([len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)],
                                           cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-    old_logp, is_weights, u_values, stats = {}, {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
-    is_stats = torch.zeros(4, device=device)  # sum of ratios, tokens, tokens capped, max ratio
+    old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
+    is_weights, is_values = {}, []  # per micro-batch; (ratio, weight) of each trained token
     seq_u_mean = torch.full((n_seq,), math.nan)
     grad_norm, skipped = None, False
     for epoch in range(cfg.ppo_epochs):
@@ -535,15 +531,12 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                 logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows)
                 if epoch == 0:
                     old_logp[k] = logp.detach()
-                    if rollout.sampler_logprobs is not None:
+                    if rollout.sampler_logprobs is not None:  # a sampler with its own log-probs (vLLM)
                         s_logp = torch.nn.utils.rnn.pad_sequence([torch.tensor(rollout.sampler_logprobs[i]) for i in idx],
                                                                  batch_first=True).to(device)
                         is_weights[k], ratio = truncated_is_weights(old_logp[k], s_logp, mask, cfg.importance_sampling_cap)
-                        r = ratio[mask.bool() & trained[idx].to(device)[:, None]]
-                        is_stats[0] += r.sum()
-                        is_stats[1] += r.numel()
-                        is_stats[2] += (r > cfg.importance_sampling_cap).sum() if cfg.importance_sampling_cap else 0
-                        is_stats[3] = torch.maximum(is_stats[3], r.max()) if r.numel() else is_stats[3]
+                        on = mask.bool() & trained[idx].to(device)[:, None]
+                        is_values.append(torch.stack([ratio[on], is_weights[k][on]]))
                 signal = torch.zeros_like(logp)
                 if cfg.method != "grpo":
                     t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
@@ -573,7 +566,7 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
         optimizer.zero_grad(set_to_none=True)
     return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "seq_u_mean": seq_u_mean, "grad_norm": grad_norm,
             "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens,
-            "is_stats": is_stats if rollout.sampler_logprobs is not None else None}
+            "is_values": torch.cat(is_values, dim=1) if is_values else None}
 
 
 # =====================================================================================
@@ -639,12 +632,9 @@ def main(cfg: Config) -> None:
     reward_funcs = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier)
     unwrapped = accelerator.unwrap_model(model)
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
-    rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, model_path=unwrapped.name_or_path,
-                             dtype=torch.bfloat16 if cfg.bf16 else torch.float32, seed=cfg.seed,
-                             batch_size=cfg.generation_batch_size, max_batch_tokens=cfg.generation_kv_tokens,
-                             decoding=cfg.transformers_decoding,
-                             vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                             max_model_len=max(map(len, prompt_ids)) + cfg.max_new_tokens)
+    rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, cfg.transformers_decoding, cfg.generation_batch_size,
+                             cfg.generation_kv_tokens, torch.bfloat16 if cfg.bf16 else torch.float32, cfg.seed,
+                             cfg.vllm_gpu_memory_utilization, max_model_len=max(map(len, prompt_ids)) + cfg.max_new_tokens)
     sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
 
     def trainer_state(step: int) -> dict:

@@ -76,9 +76,7 @@ def test_vllm_backend_without_vllm_names_the_package(tiny, monkeypatch):
     model, tokenizer, _ = tiny
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ImportError, match=r"--rollout_backend vllm needs the `vllm` package.*pip install"):
-        make_rollouts("vllm", model, tokenizer, model_path=model.name_or_path, dtype=torch.float32, seed=0,
-                      batch_size=8, max_batch_tokens=None, decoding="generate", vllm_gpu_memory_utilization=0.3,
-                      max_model_len=256)
+        make_rollouts("vllm", model, tokenizer, "generate", 8, None, torch.float32, 0, 0.3, max_model_len=256)
 
 
 def test_vllm_backend_returns_the_engines_tokens_and_logprobs(tiny, monkeypatch):
@@ -193,13 +191,14 @@ def test_is_weights_scale_the_policy_gradient(tiny, log_ratio, factor):
                                        sampler_logprobs)
         out = train_antisd.update_policy(cfg, accelerator, model, optimizer, scheduler, train_antisd.ConstantLambda(0.0),
                                          rollout, tokenizer.pad_token_id, [None] * 4, adv, torch.zeros(4), chunk)
-        return out["loss"], out["grad_norm"].item(), out["is_stats"]
+        return out["loss"], out["grad_norm"].item(), out["is_values"]
 
-    plain_loss, plain_norm, plain_stats = run(None)
-    assert plain_stats is None
+    plain_loss, plain_norm, plain_values = run(None)
+    assert plain_values is None
     shifted = [(logp[i, : len(c)] - log_ratio).tolist() for i, c in enumerate(samples.completion_ids)]
-    loss, norm, stats = run(shifted)
+    loss, norm, (ratio, weight) = run(shifted)
     assert loss == pytest.approx(factor * plain_loss, rel=1e-4)
     assert norm == pytest.approx(factor * plain_norm, rel=1e-4)
-    tokens = sum(len(c) for c in samples.completion_ids)
-    assert stats[1].item() == tokens and stats[2].item() == (tokens if factor == 3.0 else 0)
+    assert len(ratio) == sum(len(c) for c in samples.completion_ids)
+    assert ratio.tolist() == pytest.approx([math.exp(log_ratio)] * len(ratio), rel=1e-4)
+    assert weight.tolist() == pytest.approx([factor] * len(ratio), rel=1e-4)
