@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -96,6 +97,12 @@ class TransformersRollouts:
         pass
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def import_vllm():
     try:
         import vllm
@@ -121,7 +128,7 @@ class VLLMRollouts:
         options = {}
         if colocate:
             for name, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                                  ("MASTER_PORT", str(29500 + random.Random().randrange(1000)))):
+                                  ("MASTER_PORT", str(free_port()))):
                 os.environ.setdefault(name, default)  # set by accelerate/torchrun; a plain `python` run is rank 0 of 1
             options = {"enable_sleep_mode": True, "distributed_executor_backend": "external_launcher"}
         self.llm = vllm.LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,

@@ -21,6 +21,7 @@ scoring), distributed.py (accelerator, precision, gathered generation), checkpoi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -165,6 +166,8 @@ class Config:
                             f"got {len(self.reward_weights)}")
         if self.importance_sampling_cap != 0 and self.importance_sampling_cap < 1:
             problems.append(f"--importance_sampling_cap must be >= 1 (0: off), got {self.importance_sampling_cap}")
+        if self.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            problems.append("--rollout_backend vllm needs the `vllm` package: pip install -r requirements-vllm.txt (CUDA GPUs)")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             problems.append(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.cpu_threads < 0:

@@ -2,6 +2,7 @@
 the vLLM backend against a stand-in engine (tests/vllm_stand_in.py) inside real training steps,
 and truncated importance sampling in the update."""
 
+import importlib.util
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ from generation import chat_messages, chat_prompt_ids, pad_batch
 from rollouts import SamplingSettings, TransformersRollouts, VLLMRollouts, make_rollouts, rollout_seed
 from tests import vllm_stand_in
 
+importlib_find_spec = importlib.util.find_spec
 FAST = ["--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "12", "--gate_warmup_steps", "1",
         "--report_to", "none", "--micro_batch_size", "4", "--verifier_workers", "1", "--save_steps", "0"]
 
@@ -77,6 +79,14 @@ def test_vllm_backend_without_vllm_names_the_package(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ImportError, match=r"--rollout_backend vllm needs the `vllm` package.*pip install"):
         make_rollouts("vllm", model, tokenizer, "generate", 8, None, torch.float32, 0, 0.3, max_model_len=256)
+
+
+def test_config_without_vllm_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else importlib_find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"--rollout_backend vllm needs the `vllm` package: pip install -r requirements-vllm.txt"):
+        train_antisd.Config(rollout_backend="vllm").validate(1)
+    train_antisd.Config(rollout_backend="transformers").validate(1)
 
 
 def test_vllm_backend_returns_the_engines_tokens_and_logprobs(tiny, monkeypatch):

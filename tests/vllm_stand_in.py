@@ -18,6 +18,7 @@ it reports, to play a sampler whose numerics differ from the trainer's.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class LLM:
 def install(monkeypatch) -> types.ModuleType:
     """Put this stand-in where `import vllm` finds it, with empty records."""
     module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # what importlib.util.find_spec("vllm") reads
     module.LLM, module.SamplingParams, module.TokensPrompt = LLM, SamplingParams, TokensPrompt
     events.clear()
     engines.clear()
