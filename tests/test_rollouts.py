@@ -5,6 +5,7 @@ and truncated importance sampling in the update."""
 import importlib.util
 import json
 import math
+import random
 import sys
 
 import pytest
@@ -150,8 +151,6 @@ def test_training_with_stand_in_vllm(tmp_path, monkeypatch):
     assert all(torch.equal(pushed[n], trained_after[0][n]) for n in pushed)
     assert {d for name, d in events if name == "load_weights"} == {1}
     # the engine's token ids are trained on as returned, seeded per (seed, step, rank 0)
-    import random
-
     for s, samples in enumerate(rollouts_seen):
         rng = random.Random(rollout_seed(0, s, 0))
         requests = engine.requests[4 * s: 4 * s + 4]
