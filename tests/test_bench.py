@@ -48,6 +48,17 @@ def test_gpu_smoke_refuses_without_gpu():
     assert proc.returncode == 2 and "no CUDA GPU found" in proc.stderr and "--allow_cpu" in proc.stderr
 
 
+def test_step_time_compares_decodings():
+    proc = run_bench("step_time.py", "--decodings", "generate", "shrink", "--steps", "2", "--",
+                     "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "8", "--cpu_threads", "1",
+                     "--verifier_workers", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| generate |") or line.startswith("| shrink |")}
+    assert rows.keys() == {"generate", "shrink"} and rows["generate"][1].strip() == "1.000"
+    assert all(float(rows[d][0]) > 0 for d in rows)  # generate ms/token
+
+
 def test_scoring_memory_short_size():
     proc = run_bench("scoring_memory.py", "--sizes", "64")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
