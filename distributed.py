@@ -8,6 +8,8 @@
   Without FSDP, `--bf16` is accelerate's bf16 autocast over fp32 weights (DDP reduces fp32 grads).
 - `full_weights_for_generation`: a sharded model would all-gather every layer at every decoded
   token; this gathers each FSDP2 unit once, keeps it through `generate`, and frees it afterwards.
+- `full_parameters`: the model's parameters as full tensors, one at a time (FSDP2: each gathered in
+  turn), for pushing weights into a vLLM engine.
 - `gather_floats`: every process's 1-D values, for step metrics.
 """
 
@@ -91,6 +93,17 @@ def full_weights_for_generation(model):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(reshard_after[unit], recurse=False)
+
+
+def full_parameters(model):
+    """(name, full tensor) of every parameter, in order, one gathered at a time: an FSDP2 shard is a
+    DTensor whose `full_tensor()` all-gathers just that parameter (collective: every process iterates).
+    Tied weights come once; names are the model's own (activation-checkpoint wrappers stripped)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        yield name.replace("_checkpoint_wrapped_module.", ""), tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def peak_memory_gib(device: torch.device) -> float:

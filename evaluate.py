@@ -300,10 +300,19 @@ def pick_backend(backend: str) -> str:
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
 
 
-def transformers_generator(model_path: str, tokenizer, args):
-    """generate(prompt_ids, seed) -> [(text, truncated, num_tokens)] with transformers `generate`."""
+def make_rollouts(model_path: str, tokenizer, args):
+    """The rollout backend (rollouts.py, shared with training) for args.backend."""
     import torch
 
+    from generation import eos_token_ids
+    from rollouts import TransformersRollouts, VLLMRollouts
+
+    if args.backend == "vllm":
+        from transformers import GenerationConfig
+
+        return VLLMRollouts(model_path, tokenizer, eos_token_ids(GenerationConfig.from_pretrained(model_path), tokenizer),
+                            dtype="auto", gpu_memory_utilization=0.9, max_model_len=None, seed=args.seed, colocate=False,
+                            tensor_parallel_size=torch.cuda.device_count())
     from checkpoints import load_causal_lm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -311,38 +320,8 @@ def transformers_generator(model_path: str, tokenizer, args):
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return model_generator(load_causal_lm(model_path, dtype=dtype).to(device).eval(), tokenizer, args)
-
-
-def model_generator(model, tokenizer, args):
-    """The same callable on a model already loaded (the policy in training)."""
-    import torch
-
-    from generation import sample
-
-    def generate(prompt_ids: list[list[int]], seed: int):
-        torch.manual_seed(seed)
-        out = sample(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, batch_size=len(prompt_ids))
-        return [(t, tr, len(c)) for t, tr, c in zip(out.texts, out.truncated, out.completion_ids)]
-
-    return generate
-
-
-def vllm_generator(model_path: str, tokenizer, args):
-    """The same callable on vLLM (GPU only). Kept to this one function."""
-    import torch
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=model_path, tokenizer=model_path, seed=args.seed, tensor_parallel_size=torch.cuda.device_count())
-
-    def generate(prompt_ids: list[list[int]], seed: int):
-        params = [SamplingParams(temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
-                                 max_tokens=args.max_new_tokens, seed=seed + i) for i in range(len(prompt_ids))]
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        return [(o.outputs[0].text, o.outputs[0].finish_reason == "length", len(o.outputs[0].token_ids)) for o in outs]
-
-    return generate
+    return TransformersRollouts(load_causal_lm(model_path, dtype=dtype).to(device).eval(), tokenizer,
+                                batch_size=args.batch_size or 32)
 
 
 def encode_prompt(tokenizer, row: dict, args) -> list[int]:
@@ -388,18 +367,19 @@ def generate_missing(problems: dict, args, samples_path: Path, policy=None) -> i
         print(f"warning: {len(too_long)} of {len(prompts)} prompts + --max_new_tokens exceed the model's "
               f"max_position_embeddings ({context}), e.g. {too_long[0]} ({len(prompts[too_long[0]])} prompt tokens)")
     jobs.sort(key=lambda job: -len(prompts[job[0]]))  # similar lengths share a batch: less padding
+    from rollouts import SamplingSettings, TransformersRollouts
+
     batch_size = args.batch_size or (512 if args.backend == "vllm" else 32)
-    if policy is not None:
-        generate = model_generator(policy[0], tokenizer, args)
-    else:
-        generate = (vllm_generator if args.backend == "vllm" else transformers_generator)(model_path, tokenizer, args)
+    rollouts = (TransformersRollouts(policy[0], tokenizer, batch_size=batch_size) if policy is not None
+                else make_rollouts(model_path, tokenizer, args))
+    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p)
     with open(samples_path, "a") as f, tqdm(total=len(jobs), desc=f"generate {args.bench}", unit="sample") as bar:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
-            outputs = generate([prompts[pid] for pid, _ in batch], batch_seed(args.seed, *batch[0]))
-            for (pid, index), (text, truncated, num_tokens) in zip(batch, outputs):
+            out = rollouts.generate([prompts[pid] for pid, _ in batch], settings, batch_seed(args.seed, *batch[0]))
+            for (pid, index), text, truncated, ids in zip(batch, out.texts, out.truncated, out.completion_ids):
                 f.write(json.dumps({"id": pid, "sample_index": index, "completion": text,
-                                    "truncated": truncated, "num_tokens": num_tokens}) + "\n")
+                                    "truncated": truncated, "num_tokens": len(ids)}) + "\n")
             f.flush()
             bar.update(len(batch))
     return len(jobs)

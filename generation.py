@@ -4,6 +4,11 @@
 of prompt token ids (one entry per wanted sample: repeat a prompt G times for a group) into
 completions with transformers `generate`: left padding, sampling settings, everything after the
 first EOS cut off, truncation flagged, and `generate` calls sized to a KV-cache token budget.
+Its `decoding` option picks how tokens are decoded (`DECODINGS`): `generate` as it is; with a
+static KV cache; static and the decode step compiled (`torch.compile` through transformers'
+CompileConfig, which transformers does by itself for a static cache on GPUs); or `shrink`, our
+own decode loop over a DynamicCache from which finished sequences leave the batch (a group's
+rollouts end at very different lengths). All but `shrink` sample exactly what `generate` samples.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+DECODINGS = ("generate", "static", "compiled", "shrink")
 
 
 def chat_messages(user_content: str, system_prompt: str | None = None) -> list[dict]:
@@ -29,9 +36,9 @@ def chat_prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool | Non
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a turn: the generation config's and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """Every id that ends a turn: the generation config's (`model.generation_config`) and the tokenizer's."""
+    ids = generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -44,6 +51,8 @@ class Samples:
     completion_ids: list[list[int]]  # up to and including the first EOS
     truncated: list[bool]  # no EOS within max_new_tokens
     texts: list[str]  # completions decoded without special tokens
+    # the sampler's own log-prob of each completion token (vLLM); None where the trainer's model sampled
+    sampler_logprobs: list[list[float]] | None = None
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +97,14 @@ def sample(
     batch_size: int = 64,
     max_batch_tokens: int | None = None,
     progress: bool = False,
+    decoding: str = "generate",
 ) -> Samples:
     """Sample one completion per entry of `prompt_ids`, in order, at most `batch_size` sequences and
     `max_batch_tokens` KV-cache tokens per `generate` call. Seed torch before calling for
     reproducible samples. A sharded model must hold its full weights meanwhile
     (`distributed.full_weights_for_generation`): each process then generates on its own.
     """
-    eos_ids = eos_token_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model.generation_config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     was_training = model.training
@@ -104,6 +114,12 @@ def sample(
     for rows in tqdm(batches, desc="generate", disable=not progress, leave=False):
         batch = prompt_ids[rows]
         input_ids, attention_mask = pad_batch(batch, pad_id)
+        if decoding == "shrink":
+            for row in decode_shrinking(model, input_ids.to(device), attention_mask.to(device), max_new_tokens,
+                                        temperature, top_p, eos_ids):
+                completions.append(row)
+                truncated.append(row[-1] not in eos_ids)
+            continue
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -115,6 +131,7 @@ def sample(
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
             synced_gpus=False,  # transformers turns it on for FSDP modules; full weights need no collective per token
+            **DECODING_OPTIONS[decoding](),
         )
         for row in out[:, input_ids.shape[1]:].tolist():
             ends = [i for i, tok in enumerate(row) if tok in eos_ids]
@@ -123,3 +140,51 @@ def sample(
     model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples([list(p) for p in prompt_ids], completions, truncated, texts)
+
+
+def _compile_everywhere():
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers compiles a static cache's decode step on GPUs only by itself
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+# `generate` keywords of each decoding but `shrink`
+DECODING_OPTIONS = {"generate": lambda: {}, "static": lambda: {"cache_implementation": "static"}, "compiled": _compile_everywhere}
+
+
+def decode_shrinking(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                     temperature: float, top_p: float, eos_ids: list[int]) -> list[list[int]]:
+    """Sample up to `max_new_tokens` after each left-padded row, dropping a row from the batch and its
+    KV cache as soon as it samples an EOS (kept as its last token). Temperature and top-p are
+    transformers' own logits warpers; temperature 0 is greedy."""
+    from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if temperature > 0 else []
+    cache = DynamicCache(config=model.config)
+    rows, alive = [[] for _ in range(len(input_ids))], torch.arange(len(input_ids), device=input_ids.device)
+    eos = torch.tensor(eos_ids, device=input_ids.device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    for step in range(max_new_tokens):
+        for warp in warpers:
+            logits = warp(None, logits)
+        tokens = torch.multinomial(logits.softmax(-1), 1)[:, 0] if warpers else logits.argmax(-1)
+        for row, token in zip(alive.tolist(), tokens.tolist()):
+            rows[row].append(token)
+        keep = ~torch.isin(tokens, eos)
+        if not keep.all():
+            kept = keep.nonzero()[:, 0]
+            if not len(kept):
+                break
+            cache.batch_select_indices(kept)
+            alive, tokens, attention_mask, positions = alive[kept], tokens[kept], attention_mask[kept], positions[kept]
+        if step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits[:, -1].float()
+    return rows

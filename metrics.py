@@ -52,6 +52,11 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
     sums = accelerator.reduce(torch.tensor([update["clipped"], update["bonus"], update["penalty"], update["loss"]],
                                            device=accelerator.device), "sum")
     total_tokens = update["total_tokens"]
+    sampling = {}
+    if update["is_values"] is not None:  # a sampler with its own log-probs (vLLM): importance ratios pi_trainer/pi_sampler
+        ratio, weight = (gather_floats(accelerator, values) for values in update["is_values"])
+        sampling = {"sampling/is_ratio_mean": ratio.mean().item(), "sampling/is_ratio_max": ratio.max().item(),
+                    "sampling/is_capped_frac": (weight < ratio).float().mean().item()} if ratio.numel() else {}
     return {
         "step": step + 1,
         "reward/mean": all_rewards.mean().item(),
@@ -69,6 +74,7 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
         "grad_norm": update["grad_norm"].item() if update["grad_norm"] is not None else None,
         "clip_fraction": sums[0].item() / total_tokens / ppo_epochs,
         "update_skipped": update["skipped"],
+        **sampling,
         "length/mean": all_lens.mean().item(),
         "length/max": all_lens.max().item(),
         "length/truncated_frac": gather_floats(accelerator, torch.tensor(truncated, dtype=torch.float)).mean().item(),

@@ -15,12 +15,13 @@ advantages, the gates, the loss: change the algorithm here) -> 3. Privileged con
 teacher is shown) -> 4. One training step, phase by phase -> 5. main(): data -> rollout -> reward
 -> privileged context -> teacher scoring -> signal + gate -> update -> log/checkpoint.
 Systems code lives beside this file and is not for method edits: scoring.py (chunked sampled-token
-scoring), distributed.py (accelerator, precision, gathered generation), checkpoints.py, generation.py,
-prompts.py (every text the model reads). Importing this file does no work.
+scoring), distributed.py (accelerator, precision, gathered generation), checkpoints.py, rollouts.py
+(transformers or vLLM rollouts) and generation.py, prompts.py (every text the model reads). Importing this file does no work.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -42,12 +43,13 @@ from transformers import get_scheduler
 from checkpoints import latest_checkpoint, load_policy, model_dir, save_checkpoint, save_final_model
 from cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
-from distributed import full_weights_for_generation, gather_floats, make_accelerator, set_cpu_threads
+from distributed import gather_floats, make_accelerator, set_cpu_threads
 from evaluate import BENCH_CHOICES, EvalConfig, evaluate_during_training
-from generation import Samples, chat_messages, chat_prompt_ids, sample
+from generation import DECODINGS, Samples, chat_messages, chat_prompt_ids
 from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
 from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
+from rollouts import ROLLOUT_BACKENDS, SamplingSettings, make_rollouts, rollout_seed
 from scoring import (eval_mode_logprobs, has_dropout, length_sorted_batches, logit_chunk_rows, pack_sequences,
                      teacher_scores, token_logprobs)
 from verifiers.math import MathVerifier, last_boxed_span
@@ -106,6 +108,11 @@ class Config:
                                              "// (longest prompt + max_new_tokens) sequences. The default holds 27 GiB of "
                                              "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 "
                                              "shard of the 8B recipe on an 80 GB GPU (computed, not measured).")
+    rollout_backend: str = arg("transformers", "transformers (the policy samples itself) | vllm (a colocated engine per GPU).")
+    transformers_decoding: str = arg("generate", "generate | static (KV cache) | compiled (static + torch.compile) | shrink "
+                                                 "(finished rollouts leave the batch; other samples).")
+    vllm_gpu_memory_utilization: float = arg(0.3, "GPU memory share of the vLLM engine while awake (it sleeps otherwise).")
+    importance_sampling_cap: float = arg(3.0, "Cap of the per-token ratio pi_trainer/pi_sampler (vLLM log-probs); 0: off.")
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
     reward_funcs: list[str] | None = arg(None, "pkg.module:function or file.py:function (TRL signature); default: math_verify.")
     reward_weights: list[float] | None = arg(None, "One weight per reward function (default 1 each).")
@@ -156,7 +163,8 @@ class Config:
 
     def validate(self, num_processes: int) -> None:
         choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
-                   "truncated_completions": ("mask", "wrong"), "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
+                   "truncated_completions": ("mask", "wrong"), "rollout_backend": ROLLOUT_BACKENDS,
+                   "transformers_decoding": DECODINGS, "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
         problems = [f"--{name} must be one of {allowed}, got {getattr(self, name)!r}"
                     for name, allowed in choices.items() if getattr(self, name) not in allowed]
         if self.group_size < 2:
@@ -175,6 +183,14 @@ class Config:
             problems.append("--load_in_4bit and --merge_adapter need --use_peft")
         if self.eval_steps and self.eval_bench not in BENCH_CHOICES:
             problems.append(f"--eval_steps needs --eval_bench, one of {BENCH_CHOICES}; got {self.eval_bench!r}")
+        if self.rollout_backend == "vllm" and self.use_peft:
+            problems.append("--rollout_backend vllm does not push LoRA adapters into the engine yet: use transformers")
+        if self.importance_sampling_cap != 0 and self.importance_sampling_cap < 1:
+            problems.append(f"--importance_sampling_cap must be >= 1 (0: off), got {self.importance_sampling_cap}")
+        if self.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            problems.append("--rollout_backend vllm needs the `vllm` package: pip install -r requirements-vllm.txt (CUDA GPUs)")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            problems.append(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.cpu_threads < 0:
             problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps",
@@ -415,6 +431,15 @@ def loss_weights(mask: torch.Tensor, aggregation: str, total_tokens: float, tota
     return mask / mask.sum(1, keepdim=True).clamp(min=1) / total_seqs
 
 
+def truncated_is_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float):
+    """(weights, ratios): ratio = pi_trainer / pi_sampler of each sampled token (1 off the mask) and
+    the weight min(ratio, cap) that multiplies its policy-gradient term (TRL's token-level truncated
+    importance sampling). A sampler with its own kernels and precision (vLLM) samples from a slightly
+    different distribution than the trainer scores; cap 0 leaves the weights at 1."""
+    ratio = torch.exp((trainer_logp.detach() - sampler_logp) * mask)
+    return (ratio.clamp(max=cap) if cap else torch.ones_like(ratio)), ratio
+
+
 # =====================================================================================
 # 3. Privileged context (paper App. C): a verified sibling solution + feedback on the own attempt.
 #    Edit: what is shown here; the texts themselves (teacher template, feedback) are in prompts.py.
@@ -521,6 +546,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     The first pass over each micro-batch is the behaviour policy (parameters have not moved), so
     its log-probs are the student's log pi_S for u and the old log-probs for the ratio. A model with
     dropout (LoRA dropout) takes them from a no-grad eval-mode pass instead, so u carries no dropout noise.
+    When the sampler returned its own log-probs (vLLM), each token's term is weighted by the truncated
+    importance ratio pi_trainer / pi_sampler against that small mismatch.
     """
     device, world = accelerator.device, accelerator.num_processes
     n_seq = len(rollout.completion_ids)
@@ -532,6 +559,7 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                                           cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
+    is_weights, is_values = {}, []  # per micro-batch; (ratio, weight) of each trained token
     seq_u_mean = torch.full((n_seq,), math.nan)
     grad_norm, skipped, noisy = None, False, has_dropout(model)
     for epoch in range(cfg.ppo_epochs):
@@ -544,6 +572,12 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                 logp, _ = token_logprobs(model, *packed, chunk_rows)
                 if epoch == 0 and not noisy:
                     old_logp[k] = logp.detach()
+                if epoch == 0 and rollout.sampler_logprobs is not None:  # a sampler with its own log-probs (vLLM)
+                    s_logp = torch.nn.utils.rnn.pad_sequence([torch.tensor(rollout.sampler_logprobs[i]) for i in idx],
+                                                             batch_first=True).to(device)
+                    is_weights[k], ratio = truncated_is_weights(old_logp[k], s_logp, mask, cfg.importance_sampling_cap)
+                    on = mask.bool() & trained[idx].to(device)[:, None]
+                    is_values.append(torch.stack([ratio[on], is_weights[k][on]]))
                 signal = torch.zeros_like(logp)
                 if cfg.method != "grpo":
                     t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
@@ -557,6 +591,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                 adv = combine_advantages(seq_adv[idx].to(device), signal, seq_lambda[idx].to(device), mask)
                 weights = loss_weights(mask * trained[idx].to(device)[:, None], cfg.loss_aggregation,
                                        total_tokens, total_seqs) * world  # DDP/FSDP average gradients over processes
+                if k in is_weights:  # only a sampler with its own log-probs: the transformers path is untouched
+                    weights = weights * is_weights[k]
                 loss, clipped = ppo_clip_loss(logp, old_logp[k], adv, weights, cfg.clip_eps, clip_high)
                 accelerator.backward(loss)
             stats["loss"] += loss.item() / world
@@ -570,7 +606,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "seq_u_mean": seq_u_mean, "grad_norm": grad_norm,
-            "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens}
+            "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens,
+            "is_values": torch.cat(is_values, dim=1) if is_values else None}
 
 
 # =====================================================================================
@@ -636,6 +673,10 @@ def main(cfg: Config) -> None:
                            limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_prompt=cfg.system_prompt,
                            enable_thinking=cfg.enable_thinking, num_workers=cfg.verifier_workers) if cfg.eval_steps else None
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
+    rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, cfg.transformers_decoding, cfg.generation_batch_size,
+                             cfg.generation_kv_tokens, torch.bfloat16 if cfg.bf16 else torch.float32, cfg.seed,
+                             cfg.vllm_gpu_memory_utilization, max_model_len=max(map(len, prompt_ids)) + cfg.max_new_tokens)
+    sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
 
     def trainer_state(step: int) -> dict:
         return {"next_prompt": step * cfg.prompts_per_step, "controller": gate.state_dict()}
@@ -647,11 +688,11 @@ def main(cfg: Config) -> None:
         # ---- rollout: G samples of each of this process's prompts, seeded by (seed, step, rank)
         t0 = time.perf_counter()
         batch_rows = step_prompts(step)
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        with full_weights_for_generation(model):  # FSDP2: shards gathered once per step, freed before the update
-            rollout = sample(unwrapped, tokenizer, [prompt_ids[i] for i in batch_rows for _ in range(cfg.group_size)],
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                             batch_size=cfg.generation_batch_size, max_batch_tokens=cfg.generation_kv_tokens)
+        rollouts.load_weights(unwrapped)  # vLLM: the weights of the last update pushed into the engine
+        rollouts.wake()
+        rollout = rollouts.generate([prompt_ids[i] for i in batch_rows for _ in range(cfg.group_size)], sampling,
+                                    seed=rollout_seed(cfg.seed, step, rank))
+        rollouts.sleep()  # vLLM: its weights and KV cache freed for teacher scoring and the update
         timings["generate"] = time.perf_counter() - t0
 
         # ---- reward and GRPO advantages (groups never straddle processes)

@@ -36,7 +36,7 @@ import torch
 
 import train_antisd
 from checkpoints import load_policy, model_dir
-from generation import sample
+from rollouts import SamplingSettings, TransformersRollouts, rollout_seed
 from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import MathVerifier
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs
@@ -73,10 +73,10 @@ def score_rollouts(cfg: train_antisd.Config, num_problems: int, work_dir: Path) 
     prompts, prompt_ids = train_antisd.render_prompts(cfg, tokenizer, rows)
     batch_rows = list(range(len(rows)))
     per_rollout = [i for i in batch_rows for _ in range(cfg.group_size)]
-    torch.manual_seed(cfg.seed)
-    rollout = sample(model, tokenizer, [prompt_ids[i] for i in per_rollout], max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
-                     max_batch_tokens=cfg.generation_kv_tokens)
+    rollouts = TransformersRollouts(model, tokenizer, batch_size=cfg.generation_batch_size,
+                                    max_batch_tokens=cfg.generation_kv_tokens, decoding=cfg.transformers_decoding)
+    rollout = rollouts.generate([prompt_ids[i] for i in per_rollout],
+                                SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p), rollout_seed(cfg.seed, 0, 0))
     with MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as verifier:
         reward_funcs = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier)
         rewards, _, _ = train_antisd.rewards_and_advantages(cfg, reward_funcs, rollout, [prompts[i] for i in per_rollout],

@@ -3,6 +3,7 @@
     python bench/gpu_smoke.py                       # one GPU: 3 steps of grpo, then 3 of antisd
     python bench/gpu_smoke.py --allow_cpu --shape small --steps 2 --max_new_tokens 32   # the same path on CPU
     python bench/gpu_smoke.py -- --micro_batch_size 8   # flags after -- go to train_antisd.py
+    python bench/gpu_smoke.py --rollout_backend transformers vllm   # both backends (vllm: pip install -r requirements-vllm.txt)
 
 Builds a random-weight Qwen3-0.6B-shaped model (bench/random_qwen3.py: real 151,936-token vocabulary,
 the embedded 512-token tokenizer; nothing from the hub) in a temp dir, then for each method runs
@@ -28,9 +29,13 @@ and memory.
 On CPU (--allow_cpu) the path is the same but bf16 matmuls have no native support there and
 dominate the update: use it to check that everything runs, not for figures.
 
+With `--rollout_backend vllm` the rollouts come from a colocated vLLM engine in the training
+process (`--vllm_gpu_memory_utilization`, default 0.3, after --); each backend's table prints its
+tokens/s and the generate / teacher / update seconds. Not run yet: no GPU with vLLM was available.
+
 Exits 2 with a message when there is no CUDA GPU (unless --allow_cpu) or when the installed
 packages cannot run train_antisd.py (transformers without the `cache=` forward keyword, i.e. < 5.24,
-or no math_verify for the verifier).
+no math_verify for the verifier, or no vllm for --rollout_backend vllm).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ sys.path.insert(0, str(REPO))
 PHASES = ("generate", "reward", "teacher", "update", "step")
 
 
-def preflight(allow_cpu: bool) -> str:
+def preflight(allow_cpu: bool, backends: list[str]) -> str:
     """The device to use, or exit 2 saying what is missing."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
@@ -67,6 +72,8 @@ def preflight(allow_cpu: bool) -> str:
                         "install transformers>=5.24 (requirements.txt)")
     if importlib.util.find_spec("math_verify") is None:
         problems.append("math_verify is not installed (the verifier's workers need it): pip install math-verify==0.9.0")
+    if "vllm" in backends and importlib.util.find_spec("vllm") is None:
+        problems.append("--rollout_backend vllm needs vllm: pip install -r requirements-vllm.txt")
     if not torch.cuda.is_available() and not allow_cpu:
         problems.append("no CUDA GPU found: this smoke test is meant for one GPU (pass --allow_cpu to run it on CPU, "
                         "e.g. --allow_cpu --shape small --max_new_tokens 32)")
@@ -76,28 +83,29 @@ def preflight(allow_cpu: bool) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_method(method: str, model_dir: Path, work: Path, args, device: str) -> tuple[list[dict], float]:
+def run_method(method: str, backend: str, model_dir: Path, work: Path, args, device: str) -> tuple[list[dict], float]:
     """train_antisd.py under torchrun (FSDP2, one process); returns its metrics rows and wall seconds."""
-    out = work / method
+    out = work / f"{method}-{backend}"
     kv_tokens = args.prompts_per_step * args.group_size * (args.max_new_tokens + 256)  # one generate() call a step
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            str(REPO / "train_antisd.py"), "--model", str(model_dir), "--dataset", "arith", "--method", method,
            "--max_steps", str(args.steps), "--max_new_tokens", str(args.max_new_tokens),
-           "--prompts_per_step", str(args.prompts_per_step), "--group_size", str(args.group_size),
+           "--prompts_per_step", str(args.prompts_per_step), "--group_size", str(args.group_size), "--rollout_backend", backend,
            "--bf16", "--gradient_checkpointing", "--output_dir", str(out), "--report_to", "none", "--save_steps", "0",
            "--logit_chunk_mb", str(args.logit_chunk_mb), "--generation_kv_tokens", str(kv_tokens), *args.extra]
     env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"
-    log_path, seen, start = work / f"{method}.log", 0, time.perf_counter()
+    label = f"{method}, {backend}"
+    log_path, seen, start = out.with_suffix(".log"), 0, time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         while True:  # report each step as it lands: a run cut short by a time limit still shows its steps
             done = proc.poll() is not None
             rows = read_metrics(out)
             for r in rows[seen:]:
-                print(f"[{method}] step {r['step']}/{args.steps}: " + ", ".join(
+                print(f"[{label}] step {r['step']}/{args.steps}: " + ", ".join(
                     f"{p} {r[f'time/{p}_s']:.1f} s" for p in PHASES) + f", mean length {r['length/mean']:.0f}", flush=True)
             seen = len(rows)
             if done:
@@ -105,7 +113,7 @@ def run_method(method: str, model_dir: Path, work: Path, args, device: str) -> t
             time.sleep(2)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        print(f"[{method}] train_antisd.py failed (exit {proc.returncode}); end of its log:\n"
+        print(f"[{label}] train_antisd.py failed (exit {proc.returncode}); end of its log:\n"
               + log_path.read_text()[-6000:], file=sys.stderr)
         sys.exit(1)
     return read_metrics(out), wall
@@ -141,13 +149,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=2048)
     parser.add_argument("--methods", nargs="+", default=["grpo", "antisd"])
+    parser.add_argument("--rollout_backend", nargs="+", default=["transformers"], choices=("transformers", "vllm"),
+                        help="rollout backend(s) to run each method with")
     parser.add_argument("--prompts_per_step", type=int, default=8)
     parser.add_argument("--group_size", type=int, default=8)
     parser.add_argument("--logit_chunk_mb", type=int, default=512)
     parser.add_argument("--allow_cpu", action="store_true", help="run on CPU when there is no CUDA GPU")
     parser.add_argument("extra", nargs="*", help="flags for train_antisd.py, after --")
     args = parser.parse_args()
-    device = preflight(args.allow_cpu)
+    device = preflight(args.allow_cpu, args.rollout_backend)
 
     from bench.random_qwen3 import build_random_qwen3
 
@@ -159,10 +169,11 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()  # the training processes get the whole GPU
         print(f"random {args.shape} model built in {time.perf_counter() - start:.0f} s: {model_dir}", flush=True)
-        for method in args.methods:
-            rows, wall = run_method(method, model_dir, work, args, device)
-            print_table(method, rows, wall, args, device)
-            shutil.rmtree(work / method)  # checkpoints of the 0.6B model take ~9 GB
+        for backend in args.rollout_backend:
+            for method in args.methods:
+                rows, wall = run_method(method, backend, model_dir, work, args, device)
+                print_table(f"{method}, {backend} rollouts", rows, wall, args, device)
+                shutil.rmtree(work / f"{method}-{backend}")  # checkpoints of the 0.6B model take ~9 GB
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 
 

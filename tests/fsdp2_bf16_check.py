@@ -3,7 +3,8 @@
 outputs not cast; sampled-token log-probs and teacher entropies of the sharded bf16 model come back
 in fp32, unrounded, within bf16 tolerance of the unsharded fp32 model; layers are recomputed in
 backward; generation from the weights gathered once equals unsharded generation, while the two
-processes generate different numbers of sequences and tokens (no collective per token).
+processes generate different numbers of sequences and tokens (no collective per token); the weights
+a vLLM engine is sent (`full_parameters`, one gathered at a time) are the unsharded model's, by name.
 Prints BF16-CHECK OK on rank 0; exits non-zero on a mismatch. Used by tests/test_training.py."""
 
 import copy
@@ -13,7 +14,7 @@ import torch
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
 from data.arith import generate_split
-from distributed import full_weights_for_generation, make_accelerator
+from distributed import full_parameters, full_weights_for_generation, make_accelerator
 from generation import chat_messages, chat_prompt_ids, sample
 from checkpoints import load_policy
 from scoring import pack_sequences, teacher_scores, token_logprobs
@@ -45,6 +46,9 @@ def main():
         param.data = param.data.to(torch.bfloat16)
     sharded, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
     sharded.train()
+    pushed, want = dict(full_parameters(sharded)), dict(reference.named_parameters())
+    check(pushed.keys() == want.keys() and all(torch.equal(pushed[n], want[n]) for n in want),
+          f"full_parameters differ from the unsharded weights: {sorted(pushed.keys() ^ want.keys())[:4]}")
 
     # generation: rank 0 samples 2 sequences of up to 20 tokens, rank 1 3 of up to 28
     rows = generate_split("eval", 6)[3 * rank: 3 * rank + 2 + rank]
