@@ -417,15 +417,15 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = []
     context = multiprocessing.get_context("spawn")
+    # One job per slot. A free slot takes a waiting evaluation before a new training run, so the runs that
+    # have finished are evaluated (and reportable) while the rest train.
+    evaluations, trainings, running = [], [], {}  # waiting (label, args) jobs; running future -> job
     with ThreadPoolExecutor(opts.parallel) as slots, ProcessPoolExecutor(opts.parallel, mp_context=context) as workers:
-        def evaluation(model: str, target: Path, seed: int, t: float):
-            if (target / "results.json").exists():
-                return None
-            return slots.submit(lambda: workers.submit(evaluate_model, model, str(target), eval_flags(opts, cfg, seed, t),
-                                                       threads).result())
+        def queue_evaluation(model: str, target: Path, seed: int, t: float, label: str) -> None:
+            if not (target / "results.json").exists():
+                evaluations.append((label, (model, str(target), eval_flags(opts, cfg, seed, t), threads)))
 
-        def checkpoint_evaluations(run: Run) -> dict:
-            jobs = {}
+        def queue_checkpoint_evaluations(run: Run) -> None:
             for step in steps:
                 folder = run.dir / f"checkpoint-{step}"
                 for t in temperatures:
@@ -433,30 +433,31 @@ def main(argv: list[str] | None = None) -> int:
                     if not folder.is_dir() and not (target / "results.json").exists():
                         log(f"warning: {folder} is missing: step {step} of {run.name} is not evaluated")
                         continue
-                    future = evaluation(str(folder), target, run.seed, t)
-                    if future is not None:
-                        jobs[future] = f"evaluate {run.name} step {step} at T={t:g}"
-            return jobs
+                    queue_evaluation(str(folder), target, run.seed, t, f"evaluate {run.name} step {step} at T={t:g}")
 
-        pending = {}
+        for seed in opts.seeds:
+            for t in temperatures:
+                queue_evaluation(init_model, eval_dir(out, None, seed, 0, t), seed, t,
+                                 f"evaluate the initial model, seed {seed}, T={t:g}")
         for run in runs:
             state = run_state(run.dir, cfg.max_steps)
             if state == "finished":
                 log(f"{run.name}: finished, adopted")
-                pending.update(checkpoint_evaluations(run))
+                queue_checkpoint_evaluations(run)
             else:
-                command = training_command(run, state, opts.eval_every, cfg.max_steps, threads, training_flags)
-                log(f"{run.name}: {'resuming' if state == 'resume' else 'training'}: {' '.join(command[1:])}")
-                pending[slots.submit(train, run, command)] = run
-        for seed in opts.seeds:
-            for t in temperatures:
-                future = evaluation(init_model, eval_dir(out, None, seed, 0, t), seed, t)
-                if future is not None:
-                    pending[future] = f"evaluate the initial model, seed {seed}, T={t:g}"
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                trainings.append((run, training_command(run, state, opts.eval_every, cfg.max_steps, threads, training_flags)))
+        while evaluations or trainings or running:
+            while len(running) < opts.parallel and (evaluations or trainings):
+                if evaluations:
+                    label, args = evaluations.pop(0)
+                    running[slots.submit(lambda a=args: workers.submit(evaluate_model, *a).result())] = label
+                else:
+                    run, command = trainings.pop(0)
+                    log(f"{run.name}: {'resuming' if '--resume' in command else 'training'}: {' '.join(command[1:])}")
+                    running[slots.submit(train, run, command)] = run
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                job = pending.pop(future)
+                job = running.pop(future)
                 try:
                     future.result()
                 except Exception as err:  # one failed run or evaluation does not stop the others
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if isinstance(job, Run):
                     log(f"{job.name}: trained")
-                    pending.update(checkpoint_evaluations(job))
+                    queue_checkpoint_evaluations(job)
                 else:
                     log(f"done: {job}")
 
