@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import CPU_FSDP2, FAST, REPO, TORCHRUN, read_metrics, run_script
+from test_training import CPU_FSDP2, FAST, REPO, TORCHRUN, read_metrics, run_script, straight_and_resumed_runs
 from evaluate import main as evaluate_main
-from train_antisd import latest_checkpoint, main, parse_config
+from train_antisd import main, parse_config
 
 TINY = REPO / "models" / "tiny-qwen3"
 # --method sd with a constant lambda: the token signal moves the adapter even when every group has one reward
@@ -91,27 +91,8 @@ def test_student_scores_for_u_come_from_a_dropout_free_pass(tmp_path):
 
 
 def test_lora_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
-    args = LORA + ["--max_steps", "3", "--save_steps", "2"]
-    main(parse_config(args + ["--output_dir", str(tmp_path / "straight")]))
-
-    from verifiers.math import MathVerifier
-
-    calls, score = [], MathVerifier.score
-
-    def dies_on_third_step(self, completions, golds):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return score(self, completions, golds)
-
-    monkeypatch.setattr(MathVerifier, "score", dies_on_third_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(parse_config(args + ["--output_dir", str(tmp_path / "broken")]))
-    assert latest_checkpoint(tmp_path / "broken").name == "checkpoint-2"
+    straight_and_resumed_runs(tmp_path, monkeypatch, LORA + ["--max_steps", "3", "--save_steps", "2"])  # LoRA config from the run
     assert (tmp_path / "broken" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    monkeypatch.setattr(MathVerifier, "score", score)
-    main(parse_config(["--resume", "--output_dir", str(tmp_path / "broken")]))  # config (LoRA too) from the run
-
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "broken")
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed):

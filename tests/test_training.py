@@ -110,8 +110,9 @@ def test_truncated_completions_flag(tmp_path, mode):
         assert all(r["grad_norm"] > 0.0 for r in rows)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
-    args = FAST + ["--method", "antisd", "--max_steps", "4", "--save_steps", "2"]
+def straight_and_resumed_runs(tmp_path: Path, monkeypatch, args: list[str]) -> None:
+    """The same run into tmp_path/straight, and into tmp_path/broken killed in the third step's reward
+    (after checkpoint-2), then continued with --resume (its config read from the run)."""
     main(parse_config(args + ["--output_dir", str(tmp_path / "straight")]))
 
     from verifiers.math import MathVerifier
@@ -129,8 +130,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
         main(parse_config(args + ["--output_dir", str(tmp_path / "broken")]))
     assert latest_checkpoint(tmp_path / "broken").name == "checkpoint-2"
     monkeypatch.setattr(MathVerifier, "score", score)
-    main(parse_config(["--resume", "--output_dir", str(tmp_path / "broken")]))  # config comes from the run
+    main(parse_config(["--resume", "--output_dir", str(tmp_path / "broken")]))
 
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    straight_and_resumed_runs(tmp_path, monkeypatch, FAST + ["--method", "antisd", "--max_steps", "4", "--save_steps", "2"])
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "broken")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):
