@@ -78,8 +78,10 @@ def fsdp_units(model) -> list:
 def full_weights_for_generation(model):
     """Inside, every FSDP2 unit holds its full (param-dtype) weights, gathered once on entry, so
     `generate` runs without a collective per token (and without synced_gpus); they are freed on exit,
-    before the update. Models that are not FSDP2-sharded pass through untouched."""
-    units = fsdp_units(model)
+    before the update. Models that are not FSDP2-sharded pass through untouched, and so does a nested
+    entry (evaluation during training holds the weights around many rollout calls of the main process:
+    an inner exit would free them there alone, and the next entry would gather without the others)."""
+    units = [] if getattr(model, "_holds_full_weights", False) else fsdp_units(model)
     if units and units[0] is model:  # FSDP2 picks its root in the first forward; peft's generate calls the base
         model._get_fsdp_state()._lazy_init()  # model's forward, never the root's: decide it now (no-op after once)
     reshard_after = {unit: any(group.post_forward_mesh_info is not None  # each unit's setting, restored on exit
@@ -87,12 +89,16 @@ def full_weights_for_generation(model):
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
+    if units:
+        model._holds_full_weights = True
     try:
         yield model
     finally:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(reshard_after[unit], recurse=False)
+        if units:
+            model._holds_full_weights = False
 
 
 def full_parameters(model):

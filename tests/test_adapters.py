@@ -150,7 +150,7 @@ def test_two_process_lora_trains_checkpoints_resumes_and_saves_the_adapter(tmp_p
     env = CPU_FSDP2 if backend == "fsdp2" else {"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}
     extra = ["--bf16", "--gradient_checkpointing"] if backend == "fsdp2" else []
     args = LORA + ["--prompts_per_step", "4", "--output_dir", str(tmp_path), "--eval_steps", "2", "--eval_bench", "arith",
-                   "--eval_n", "1", "--eval_limit", "2"] + extra
+                   "--eval_n", "1", "--eval_limit", "33"] + extra  # 33 samples: two rollout calls of evaluate.py
     run_script(args + ["--max_steps", "2"], env=env, launcher=TORCHRUN)
     if backend == "fsdp2":
         assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # really sharded
@@ -158,7 +158,7 @@ def test_two_process_lora_trains_checkpoints_resumes_and_saves_the_adapter(tmp_p
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
     evaluations = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["num_problems"]) for r in evaluations] == [(2, 2)]
+    assert [(r["step"], r["num_problems"]) for r in evaluations] == [(2, 33)]
     base = AutoModelForCausalLM.from_pretrained(TINY).eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), tmp_path).eval()
     assert (logits_of(adapted) - logits_of(base)).abs().max() > 1e-3
