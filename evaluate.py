@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 
 from cli import parse_layered
 from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark
+from generation import DECODINGS
 from prompts import EVALPLUS_INSTRUCTION, code_prompt, user_prompt
 
 CODE_BENCH = "mbppplus"
@@ -146,6 +147,11 @@ class EvalConfig:
     backend: str = field(default="auto", metadata={
         "choices": ["auto", "transformers", "vllm"],
         "help": "auto: vllm if it is installed and a GPU is present, else transformers"})
+    transformers_decoding: str = field(default="generate", metadata={
+        "choices": list(DECODINGS),
+        "help": "how the transformers backend decodes (as train_antisd.py --transformers_decoding): generate, "
+                "static, compiled, or shrink (a group's prompt prefilled once, finished samples leave the batch: "
+                "fastest on CPU, other samples than generate's from the same seed)"})
     limit: int | None = field(default=None, metadata={
         "help": "only the first N problems of the benchmark (smoke tests)"})
     cache_dir: str | None = field(default=None, metadata={
@@ -321,7 +327,7 @@ def make_rollouts(model_path: str, tokenizer, args):
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return TransformersRollouts(load_causal_lm(model_path, dtype=dtype).to(device).eval(), tokenizer,
-                                batch_size=args.batch_size or 32)
+                                batch_size=args.batch_size or 32, decoding=args.transformers_decoding)
 
 
 def encode_prompt(tokenizer, row: dict, args) -> list[int]:
@@ -370,7 +376,8 @@ def generate_missing(problems: dict, args, samples_path: Path, policy=None) -> i
     from rollouts import SamplingSettings, TransformersRollouts
 
     batch_size = args.batch_size or (512 if args.backend == "vllm" else 32)
-    rollouts = (TransformersRollouts(policy[0], tokenizer, batch_size=batch_size) if policy is not None
+    rollouts = (TransformersRollouts(policy[0], tokenizer, batch_size=batch_size, decoding=args.transformers_decoding)
+                if policy is not None
                 else make_rollouts(model_path, tokenizer, args))
     settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p)
     with open(samples_path, "a") as f, tqdm(total=len(jobs), desc=f"generate {args.bench}", unit="sample") as bar:

@@ -7,8 +7,9 @@ first EOS cut off, truncation flagged, and `generate` calls sized to a KV-cache 
 Its `decoding` option picks how tokens are decoded (`DECODINGS`): `generate` as it is; with a
 static KV cache; static and the decode step compiled (`torch.compile` through transformers'
 CompileConfig, which transformers does by itself for a static cache on GPUs); or `shrink`, our
-own decode loop over a DynamicCache from which finished sequences leave the batch (a group's
-rollouts end at very different lengths). All but `shrink` sample exactly what `generate` samples.
+own decode loop over a DynamicCache that prefills each distinct prompt once (a group repeats its
+prompt G times) and from which finished sequences leave the batch (a group's rollouts end at very
+different lengths). All but `shrink` sample exactly what `generate` samples.
 """
 
 from __future__ import annotations
@@ -157,21 +158,29 @@ DECODING_OPTIONS = {"generate": lambda: {}, "static": lambda: {"cache_implementa
 def decode_shrinking(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                      temperature: float, top_p: float, eos_ids: list[int]) -> list[list[int]]:
     """Sample up to `max_new_tokens` after each left-padded row, dropping a row from the batch and its
-    KV cache as soon as it samples an EOS (kept as its last token). Temperature and top-p are
-    transformers' own logits warpers; temperature 0 is greedy."""
+    KV cache as soon as it samples an EOS (kept as its last token); identical rows are prefilled once.
+    Temperature and top-p are transformers' own logits warpers; temperature 0 is greedy."""
     from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
 
-    warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if temperature > 0 else []
+    sampled = temperature > 0
+    # as in `generate`, no-op warpers are left out (top-p 1 would still sort the vocabulary every step)
+    warpers = ([TemperatureLogitsWarper(temperature)] if sampled and temperature != 1.0 else []) + \
+              ([TopPLogitsWarper(top_p)] if sampled and top_p < 1.0 else [])
     cache = DynamicCache(config=model.config)
     rows, alive = [[] for _ in range(len(input_ids))], torch.arange(len(input_ids), device=input_ids.device)
     eos = torch.tensor(eos_ids, device=input_ids.device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    # a group repeats its prompt G times: prefill each distinct row once, then copy its KV cache to the group
+    width = input_ids.shape[1]
+    distinct, copies = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+    distinct_ids, distinct_mask = distinct[:, :width], distinct[:, width:]
+    logits = model(input_ids=distinct_ids, attention_mask=distinct_mask, position_ids=(distinct_mask.cumsum(-1) - 1).clamp(min=0),
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()[copies]
+    cache.batch_select_indices(copies)
     for step in range(max_new_tokens):
         for warp in warpers:
             logits = warp(None, logits)
-        tokens = torch.multinomial(logits.softmax(-1), 1)[:, 0] if warpers else logits.argmax(-1)
+        tokens = torch.multinomial(logits.softmax(-1), 1)[:, 0] if sampled else logits.argmax(-1)
         for row, token in zip(alive.tolist(), tokens.tolist()):
             rows[row].append(token)
         keep = ~torch.isin(tokens, eos)

@@ -110,7 +110,8 @@ class Config:
                                              "shard of the 8B recipe on an 80 GB GPU (computed, not measured).")
     rollout_backend: str = arg("transformers", "transformers (the policy samples itself) | vllm (a colocated engine per GPU).")
     transformers_decoding: str = arg("generate", "generate | static (KV cache) | compiled (static + torch.compile) | shrink "
-                                                 "(finished rollouts leave the batch; other samples).")
+                                                 "(a group's prompt prefilled once, finished rollouts leave the batch; fastest "
+                                                 "on CPU; other samples than generate's).")
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU memory share of the vLLM engine while awake (it sleeps otherwise).")
     importance_sampling_cap: float = arg(3.0, "Cap of the per-token ratio pi_trainer/pi_sampler (vLLM log-probs); 0: off.")
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
@@ -671,7 +672,8 @@ def main(cfg: Config) -> None:
     unwrapped = accelerator.unwrap_model(model)
     eval_args = EvalConfig(bench=cfg.eval_bench, model=cfg.model, output_dir=str(out / "eval"), n=cfg.eval_n,
                            limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_prompt=cfg.system_prompt,
-                           enable_thinking=cfg.enable_thinking, num_workers=cfg.verifier_workers) if cfg.eval_steps else None
+                           enable_thinking=cfg.enable_thinking, num_workers=cfg.verifier_workers,
+                           transformers_decoding=cfg.transformers_decoding) if cfg.eval_steps else None
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
     rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, cfg.transformers_decoding, cfg.generation_batch_size,
                              cfg.generation_kv_tokens, torch.bfloat16 if cfg.bf16 else torch.float32, cfg.seed,

@@ -252,8 +252,10 @@ def test_resume_generates_only_missing_samples(tmp_path, capsys):
     again = results_of(out)
     assert again["generated"] == 0 and again["problems"] == res["problems"]
 
-    # asking for more samples tops the problems up; other sampling settings are refused
-    assert main(TINY[:-6] + ["--n", "3", "--max_new_tokens", "32", "--output_dir", str(out)]) == 0
+    # asking for more samples tops the problems up (the decoding does not shape what is sampled: the top-up
+    # decodes with `shrink`); other sampling settings are refused
+    assert main(TINY[:-6] + ["--n", "3", "--max_new_tokens", "32", "--transformers_decoding", "shrink",
+                             "--output_dir", str(out)]) == 0
     assert results_of(out)["generated"] == 4 and len(read_jsonl(out / "samples.jsonl")) == 12
     capsys.readouterr()
     assert main(TINY + ["--temperature", "1.0", "--output_dir", str(out)]) == 2

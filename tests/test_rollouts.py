@@ -54,12 +54,13 @@ def test_static_cache_samples_what_generate_samples(tiny):
 
 
 def test_shrinking_decode(tiny):
-    """Greedy, finished rows leaving the batch change nothing; sampled, rows end at EOS or the budget."""
+    """Greedy, shared prompt prefill and finished rows leaving the batch change nothing; sampled, rows end at EOS or the budget."""
     model, tokenizer, prompts = tiny
     greedy = SamplingSettings(24, temperature=0)
-    want = TransformersRollouts(model, tokenizer).generate(prompts, greedy, seed=0)
+    want = TransformersRollouts(model, tokenizer).generate(prompts * 3, greedy, seed=0)
     shrink = TransformersRollouts(model, tokenizer, decoding="shrink")
-    assert shrink.generate(prompts, greedy, seed=0).completion_ids == want.completion_ids
+    # a group's repeated prompt is prefilled once and its cache copied: the same greedy completions
+    assert shrink.generate(prompts * 3, greedy, seed=0).completion_ids == want.completion_ids
     sampled = shrink.generate(prompts * 2, SamplingSettings(24), seed=1)
     eos = model.generation_config.eos_token_id
     assert all((row[-1] == eos) != cut and eos not in row[:-1] and len(row) <= 24
@@ -67,6 +68,9 @@ def test_shrinking_decode(tiny):
     assert sampled.completion_ids == shrink.generate(prompts * 2, SamplingSettings(24), seed=1).completion_ids
     lengths = {len(row) for row in sampled.completion_ids}
     assert len(lengths) > 1  # rows did end at different lengths
+    # the warpers are applied: sampling at a near-zero temperature (with top-p) is greedy decoding
+    near_greedy = SamplingSettings(24, temperature=1e-3, top_p=0.9)
+    assert shrink.generate(prompts * 3, near_greedy, seed=2).completion_ids == want.completion_ids
 
 
 def test_rollout_seeds_differ_by_step_and_rank():
