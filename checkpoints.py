@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from adapters import is_adapter_dir, is_peft_model, merge_adapter, save_adapter
+from models import EMBEDDED_MODELS
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FSDP_SHARDS = "pytorch_model_fsdp_0"
@@ -154,16 +155,16 @@ def load_policy(name_or_path: str, gradient_checkpointing: bool, lora: dict | No
     """(model, tokenizer) to train: fp32 master weights (--bf16 casts in forward), the chunked scoring
     head installed, layers recomputed in backward when asked; with `lora` (adapters.add_lora's keyword
     arguments) a peft model whose adapters alone train, its base in 4 bits with `load_in_4bit`.
-    'tiny' is the embedded model."""
+    'tiny' / 'tiny-checks' are the embedded models (models.EMBEDDED_MODELS)."""
     from transformers import AutoTokenizer
 
     from adapters import add_lora, quantization_config
     from scoring import install_scoring_head
 
-    if name_or_path == "tiny":
-        from models.build_tiny_model import ensure_tiny_model
+    if name_or_path in EMBEDDED_MODELS:
+        from models.build_tiny_model import ensure_embedded_model
 
-        name_or_path = str(ensure_tiny_model())
+        name_or_path = str(ensure_embedded_model(name_or_path))
     quantized = {"quantization_config": quantization_config(), "device_map": {"": torch.cuda.current_device()}} \
         if load_in_4bit else {}
     model = load_causal_lm(name_or_path, dtype=torch.float32, **quantized)

@@ -3,6 +3,7 @@
     python evaluate.py --bench aime2025 --model Qwen/Qwen3-1.7B --n 16 --max_new_tokens 32768
     python evaluate.py --bench aime2025 --data_file ../shared/data/aime_2025.jsonl --model tiny --n 2
     python evaluate.py --bench arith --model tiny --n 4                 # the embedded task
+    python evaluate.py --bench arith_checks --model tiny-checks --n 4   # the embedded task where checks matter
     python evaluate.py --bench mbppplus --data_file ../shared/data/mbpp_plus/MbppPlus-v0.2.0.jsonl.gz --model ...
     python evaluate.py --bench aime2025 --data_file ... --samples runs/x/samples.jsonl   # rescore, no model
 
@@ -11,10 +12,10 @@ Reading order: args -> load problems -> generate (resumable) -> score -> write r
 --eval_steps calls it through `evaluate_during_training`.
 
 - Prompts: the tokenizer's chat template over (optional system prompt, problem + instruction). Math
-  benches append the boxed instruction (none for the embedded `arith` task, whose model was trained
-  on bare problems); MBPP+ uses evalplus's instruction ("Please provide a self-contained Python
-  script ... in a markdown code block:") around the task's prompt, without evalplus's assistant
-  prefill so that thinking templates work unchanged.
+  benches append the boxed instruction (none for the embedded `arith` / `arith_checks` tasks, whose
+  models were trained on bare problems); MBPP+ uses evalplus's instruction ("Please provide a
+  self-contained Python script ... in a markdown code block:") around the task's prompt, without
+  evalplus's assistant prefill so that thinking templates work unchanged.
 - Generation is resumable: every finished batch is appended (and flushed) to
   `<output_dir>/samples.jsonl`; rerunning the same command generates only the samples that are
   missing (a killed run loses at most the batch in flight). Each batch is seeded from `--seed` and
@@ -45,8 +46,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cli import parse_layered
-from data.loading import BENCHMARKS, EMBEDDED_TASK, DataError, default_instruction, load_benchmark
+from data.loading import BENCHMARKS, EMBEDDED_TASKS, DataError, default_instruction, load_benchmark
 from generation import DECODINGS
+from models import EMBEDDED_MODELS
 from prompts import EVALPLUS_INSTRUCTION, code_prompt, user_prompt
 
 CODE_BENCH = "mbppplus"
@@ -114,10 +116,11 @@ def markdown_table(results: dict) -> str:
 class EvalConfig:
     """Every field is a flag (--max_new_tokens or --max-new-tokens); --config eval.yaml sets defaults."""
 
-    bench: str = field(metadata={"choices": BENCH_CHOICES, "help": "benchmark ('arith' is the embedded task)"})
+    bench: str = field(metadata={"choices": BENCH_CHOICES, "help": "benchmark ('arith', 'arith_checks': the embedded tasks)"})
     config: str | None = field(default=None, metadata={"help": "YAML file of field: value; CLI flags override it"})
     model: str | None = field(default=None, metadata={
-        "help": "HF model id or local path; 'tiny' = the embedded model (models/tiny-qwen3). "
+        "help": "HF model id or local path; 'tiny' / 'tiny-checks' = the embedded models (models/tiny-qwen3, "
+                "models/tiny-qwen3-checks; built on first use). "
                 "Not needed with --samples"})
     data_file: str | None = field(default=None, metadata={
         "help": "local .jsonl/.parquet with {id, problem, answer} instead of the hub; "
@@ -133,7 +136,7 @@ class EvalConfig:
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (0: greedy)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling: keep the top tokens up to this mass"})
     max_new_tokens: int | None = field(default=None, metadata={
-        "help": f"generation budget per sample; default {TINY_DEFAULT_MAX_NEW_TOKENS} for --model tiny, "
+        "help": f"generation budget per sample; default {TINY_DEFAULT_MAX_NEW_TOKENS} for the embedded models, "
                 f"else {DEFAULT_MAX_NEW_TOKENS}"})
     seed: int = field(default=0, metadata={"help": "seeds sampling (each batch from it and its first sample)"})
     system_prompt: str | None = field(default=None, metadata={"help": "system message (default: none)"})
@@ -159,7 +162,7 @@ class EvalConfig:
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "drop (and count) rows with a missing field or unparsable gold instead of failing"})
     num_threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads; default 1 for --model tiny (its matrices are too small to split, and on a busy "
+        "help": "torch CPU threads; default 1 for the embedded models (their matrices are too small to split, and on a busy "
                 "machine more threads wait on each other), else torch's default"})
     num_workers: int = field(default=min(4, os.cpu_count() or 1), metadata={"help": "verifier processes"})
     checkpoints: bool = field(default=False, metadata={
@@ -178,7 +181,7 @@ class EvalConfig:
         if self.instruction is None:
             self.instruction = EVALPLUS_INSTRUCTION if self.bench == CODE_BENCH else default_instruction(self.bench)
         if self.max_new_tokens is None:
-            self.max_new_tokens = TINY_DEFAULT_MAX_NEW_TOKENS if self.model == "tiny" else DEFAULT_MAX_NEW_TOKENS
+            self.max_new_tokens = TINY_DEFAULT_MAX_NEW_TOKENS if self.model in EMBEDDED_MODELS else DEFAULT_MAX_NEW_TOKENS
         if self.output_dir is None:
             if self.samples:
                 self.output_dir = str(Path(self.samples).resolve().parent)
@@ -289,10 +292,10 @@ def group_samples(samples: list[dict], problems: dict, limit_per_id: int | None 
 # Generation
 # =====================================================================================
 def resolve_model(name: str) -> str:
-    if name == "tiny":
-        from models.build_tiny_model import ensure_tiny_model
+    if name in EMBEDDED_MODELS:
+        from models.build_tiny_model import ensure_embedded_model
 
-        return str(ensure_tiny_model())
+        return str(ensure_embedded_model(name))
     return name
 
 
@@ -322,7 +325,7 @@ def make_rollouts(model_path: str, tokenizer, args):
     from checkpoints import load_causal_lm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    threads = args.num_threads or (1 if args.model == "tiny" else None)
+    threads = args.num_threads or (1 if args.model in EMBEDDED_MODELS else None)
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -473,8 +476,8 @@ def run(args, policy=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1) problems
-    hub_model = policy is None and not args.samples and args.model != "tiny" and not Path(args.model).exists()
-    if hub_model or (args.data_file is None and args.bench not in (EMBEDDED_TASK, CODE_BENCH)):
+    hub_model = policy is None and not args.samples and args.model not in EMBEDDED_MODELS and not Path(args.model).exists()
+    if hub_model or (args.data_file is None and args.bench not in (*EMBEDDED_TASKS, CODE_BENCH)):
         go_offline_without_hub()
     problems = {row["id"]: row for row in load_problems(args)}
     if args.samples:

@@ -86,8 +86,8 @@ class Config:
     push_to_hub: bool = arg(False, "Upload the final model, tokenizer, model card and metrics to the Hub at the end.")
     hub_model_id: str | None = arg(None, "Hub repo for --push_to_hub (user/name); default: the output directory's name.")
     # --- model and data
-    model: str = arg("tiny", "HF model id or path; 'tiny' = the embedded model (built on first use).")
-    dataset: str = arg("arith", "'arith' (embedded task), a HF dataset id, or a local .jsonl/.parquet.")
+    model: str = arg("tiny", "HF model id or path; 'tiny' / 'tiny-checks' = the embedded models (built on first use).")
+    dataset: str = arg("arith", "'arith' / 'arith_checks' (embedded tasks), a HF dataset id, or a local .jsonl/.parquet.")
     dataset_config: str | None = arg(None, "Subset (config name) of a hub dataset.")
     dataset_split: str = arg("train", "Split of a hub dataset.")
     problem_column: str | None = arg(None, "Column of the problem (text or chat messages); default: problem/question.")

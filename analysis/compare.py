@@ -49,6 +49,9 @@ if str(REPO) not in sys.path:  # evaluation workers import evaluate.py and the t
     sys.path.insert(0, str(REPO))
 
 import train_antisd  # noqa: E402
+from data.loading import EMBEDDED_TASKS  # noqa: E402
+from models import EMBEDDED_MODELS  # noqa: E402
+from models.build_tiny_model import ensure_embedded_model  # noqa: E402
 
 QUICK = {"methods": ["grpo", "antisd"], "seeds": [0, 1], "eval_every": 2, "eval_n": 1, "eval_limit": 8}
 QUICK_TRAINING = ["--max_steps", "4", "--prompts_per_step", "2", "--group_size", "4", "--max_new_tokens", "40",
@@ -376,7 +379,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--eval_max_new_tokens", "--eval-max-new-tokens", type=int, default=None,
                         help="Evaluation generation budget (default: the training --max_new_tokens).")
     parser.add_argument("--eval_bench", "--eval-bench", default=None,
-                        help="evaluate.py --bench of the held-out split (default: arith for --dataset arith; needed otherwise).")
+                        help="evaluate.py --bench of the held-out split (default: the embedded task's own for --dataset "
+                             "arith / arith_checks; needed otherwise).")
     parser.add_argument("--eval_data_file", "--eval-data-file", default=None, help="evaluate.py --data_file for --eval_bench.")
     parser.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap draws of each difference's interval.")
     parser.add_argument("--smooth", type=int, default=10, help="Trailing-mean window of the training curves, in steps.")
@@ -394,9 +398,9 @@ def parse_args(argv: list[str] | None = None):
     training_flags = (QUICK_TRAINING if opts.quick else []) + training_flags
     cfg = train_antisd.parse_config(training_flags)  # the runs' config: bad training flags fail here, before any work
     if opts.eval_bench is None:
-        if cfg.dataset != "arith":
+        if cfg.dataset not in EMBEDDED_TASKS:
             parser.error(f"--eval_bench: which held-out benchmark goes with --dataset {cfg.dataset}?")
-        opts.eval_bench = "arith"
+        opts.eval_bench = cfg.dataset
     if opts.parallel < 1 or opts.eval_every < 1 or opts.eval_n < 1:
         parser.error("--parallel, --eval_every and --eval_n must be >= 1")
     return opts, training_flags, cfg
@@ -413,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     temperatures = list(dict.fromkeys([cfg.temperature, EVAL_TEMPERATURE]))
     runs = [Run(m, s, out) for s in opts.seeds for m in opts.methods]  # seed by seed: early seeds finish first
     init_model = cfg.init_from or cfg.model
+    if init_model in EMBEDDED_MODELS:  # built here once, not by --parallel jobs at the same time
+        ensure_embedded_model(init_model)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
 
     failures = []

@@ -42,9 +42,10 @@ from verifiers.math import MathVerifier
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs
 
 CLASSES = ("deliberation", "number/arithmetic", "answer/box", "rest")
-# The embedded generator's phrases (data/arith.py make_solution) and the paper's markers; longest first.
+# The embedded generators' phrases (data/arith.py make_solution, make_checked_solution: "Wait, let me check:
+# ... = 85, not 75.") and the paper's markers; longest first.
 DELIBERATION = re.compile(r"let me verify|let me check|let me recompute|that's not right|alternatively|"
-                          r"\bwait\b|\blet\b|\bmaybe\b|\bcheck\b", re.IGNORECASE)
+                          r"\bwait\b|\blet\b|\bmaybe\b|\bcheck\b|\bnot\b", re.IGNORECASE)
 ANSWER = re.compile(r"so the answer is|\\boxed\{[^{}]*\}|\\boxed", re.IGNORECASE)
 ARITHMETIC = re.compile(r"\d+|[-+*/=×÷^]")
 

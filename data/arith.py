@@ -20,6 +20,14 @@ independent path; `generate_split` leaves it out of the rows unless `include_ste
 
 Train and eval use different derived seeds and a disjoint partition of the problem space (by a
 stable hash of `steps`), so no eval computation ever appears in train, whatever `n` is.
+
+Task `arith_checks` (`generate_split(..., task="arith_checks")`): the same problems and split, with
+solutions in which deliberation changes the answer (`make_checked_solution`). With `slip_prob` one
+step's written result is a slip; after any step, with `check_prob`, a check line recomputes it
+("Wait, let me check: 37 + 48 = 85." or, after a slip, "... = 85, not 75.") and the solution goes on
+from the right value. Only a check catches a slip: an unchecked one carries on to a wrong answer, so
+checking more often answers right more often. A row's `solution` (what a teacher may be shown) is a
+correct sample: no slip, or a caught one, as a correct sibling rollout would be.
 """
 
 from __future__ import annotations
@@ -74,6 +82,9 @@ THEMES = [
     },
 ]
 
+TASKS = ("arith", "arith_checks")
+SLIP_PROB, CHECK_PROB = 0.35, 0.3  # arith_checks: chance of a slip per solution, of a check after each step
+STARTS = ("Start with {}.", "We begin with {}.", "At first there are {}.")
 SYMBOL = {"+": "+", "-": "-", "*": "×", "/": "÷"}
 INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
 
@@ -129,7 +140,7 @@ def _slip(rng: random.Random, result: int) -> int:
 def make_solution(steps: list, rng: random.Random, slip_prob: float = 0.25, check_prob: float = 0.3) -> str:
     """A step-by-step solution of `steps` with seeded deliberation and maybe one fixed slip."""
     value = steps[0][1]
-    lines = [rng.choice([f"Start with {value}.", f"We begin with {value}.", f"At first there are {value}."])]
+    lines = [rng.choice(STARTS).format(value)]
     slip_at = rng.randrange(1, len(steps)) if rng.random() < slip_prob else None
     for i, (op, x) in enumerate(steps[1:], start=1):
         result = apply(op, value, x)
@@ -146,6 +157,48 @@ def make_solution(steps: list, rng: random.Random, slip_prob: float = 0.25, chec
         value = result
     lines.append(f"So the answer is \\boxed{{{value}}}.")
     return "\n".join(lines)
+
+
+def _carries_on(steps: list, at: int, value: int) -> bool:
+    """Whether `value`, written as the result of step `at`, goes through the later steps (every
+    division exact, no value negative)."""
+    for op, x in steps[at + 1:]:
+        if op == "/" and value % x:
+            return False
+        value = apply(op, value, x)
+        if value < 0:
+            return False
+    return True
+
+
+def make_checked_solution(steps: list, rng: random.Random, slip_prob: float = SLIP_PROB,
+                          check_prob: float = CHECK_PROB, correct: bool = False) -> str:
+    """An `arith_checks` solution of `steps`: maybe one slip, caught only by a check (module docstring).
+    `correct`: drawn again until its answer is right (no slip, or a caught one)."""
+    if correct and slip_prob >= 1 and check_prob <= 0:
+        raise ValueError("every solution slips and none checks: no correct one to draw")
+    values = [steps[0][1]]
+    for op, x in steps[1:]:
+        values.append(apply(op, values[-1], x))
+    while True:
+        value = steps[0][1]
+        lines = [rng.choice(STARTS).format(value)]
+        slip_at = wrong = None
+        if rng.random() < slip_prob:  # at a step whose wrong result the later steps can carry on
+            slips = [(i, w) for i in range(1, len(steps)) for w in [_slip(rng, values[i])] if _carries_on(steps, i, w)]
+            slip_at, wrong = rng.choice(slips)  # never empty: a slip at the last step always carries on
+        for i, (op, x) in enumerate(steps[1:], start=1):
+            result = apply(op, value, x)
+            written = wrong if i == slip_at else result
+            lines.append(_equation(value, op, x, written) + ".")
+            if rng.random() < check_prob:
+                lines.append(f"Wait, let me check: {_equation(value, op, x, result)}"
+                             + (f", not {written}." if written != result else "."))
+                written = result
+            value = written
+        lines.append(f"So the answer is \\boxed{{{value}}}.")
+        if value == values[-1] or not correct:  # an uncaught slip changes every later value: a wrong answer
+            return "\n".join(lines)
 
 
 def make_problem(rng: random.Random, num_steps: int, digits: int) -> dict:
@@ -169,14 +222,18 @@ def _is_eval(steps: list) -> bool:
 
 
 def generate_split(split: str, n: int, *, num_steps: tuple[int, int] = (1, 3), digits: int = 1, seed: int = 0,
-                   include_steps: bool = False) -> list[dict]:
-    """`n` rows {"id": f"arith-{split}-{i}", "problem", "answer", "solution"} (+ "steps" if asked).
+                   include_steps: bool = False, task: str = "arith") -> list[dict]:
+    """`n` rows {"id": f"{task}-{split}-{i}", "problem", "answer", "solution"} (+ "steps" if asked).
 
-    Deterministic in (split, n, num_steps, digits, seed). Eval rows are distinct computations.
+    Deterministic in (split, n, num_steps, digits, seed, task). Eval rows are distinct computations.
+    Every task has the same problems; `arith_checks` rows carry a correct `make_checked_solution`.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     rng = random.Random(f"arith-{split}-{seed}")
+    checks_rng = random.Random(f"arith_checks-{split}-{seed}")  # its own stream: the problems stay arith's
     rows, seen, attempts = [], set(), 0
     while len(rows) < n:
         attempts += 1
@@ -187,7 +244,9 @@ def generate_split(split: str, n: int, *, num_steps: tuple[int, int] = (1, 3), d
         if _is_eval(problem["steps"]) != (split == "eval") or (split == "eval" and key in seen):
             continue
         seen.add(key)
-        row = {"id": f"arith-{split}-{len(rows)}", **problem}
+        row = {"id": f"{task}-{split}-{len(rows)}", **problem}
+        if task == "arith_checks":
+            row["solution"] = make_checked_solution(problem["steps"], checks_rng, correct=True)
         if not include_steps:
             del row["steps"]
         rows.append(row)

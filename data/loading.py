@@ -1,7 +1,7 @@
 """Dataset loading for training and evaluation, in one place.
 
 Every source becomes a list of rows `{"id", "problem", "answer", "solution"}` (solution may be None):
-- `arith`: the embedded task (data/arith.py), built from a seed, no files;
+- `arith` / `arith_checks`: the embedded tasks (data/arith.py), built from a seed, no files;
 - a local `.jsonl` / `.json` / `.parquet` file with `{problem, answer[, solution, id]}` or the
   DAPO/verl schema (chat `prompt`, `reward_model.ground_truth`);
 - a Hugging Face hub dataset id with either schema, e.g. `BytedTsinghua-SIA/DAPO-Math-17k`;
@@ -26,7 +26,7 @@ from prompts import BOXED_INSTRUCTION
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_TASK = "arith"
+EMBEDDED_TASKS = arith.TASKS
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 # name -> (hub id, split); every one of them also loads from a local file via `data_file`.
@@ -36,7 +36,7 @@ BENCHMARKS = {
     "aime2026": ("math-ai/aime26", "test"),
     "hmmt2025": ("MathArena/hmmt_feb_2025", "train"),
     "minerva": ("math-ai/minervamath", "test"),
-    EMBEDDED_TASK: (None, "eval"),
+    **{task: (None, "eval") for task in EMBEDDED_TASKS},
 }
 
 # The DAPO template asks for "Answer: ..." lines; strip it so every dataset gets one instruction.
@@ -50,8 +50,8 @@ class DataError(ValueError):
 
 
 def default_instruction(source: str) -> str:
-    """The embedded model was trained on bare problems; everything else gets the boxed instruction."""
-    return "" if source == EMBEDDED_TASK else BOXED_INSTRUCTION
+    """The embedded models were trained on bare problems; everything else gets the boxed instruction."""
+    return "" if source in EMBEDDED_TASKS else BOXED_INSTRUCTION
 
 
 def is_local_file(source: str) -> bool:
@@ -155,8 +155,8 @@ def load_math_dataset(source: str, split: str = "train", *, skip_bad_rows: bool 
                       columns: dict[str, str] | None = None) -> list[dict]:
     """Rows of a training or evaluation dataset (see module docstring for `source`); `config_name`
     is a hub subset, `columns` maps problem/answer/solution to the dataset's own column names."""
-    if source == EMBEDDED_TASK:
-        return arith.generate_split(split, embedded_size, seed=seed)
+    if source in EMBEDDED_TASKS:
+        return arith.generate_split(split, embedded_size, seed=seed, task=source)
     id_prefix = Path(source).stem if is_local_file(source) else source.split("/")[-1]
     try:
         rows = [normalize_row(raw, i, id_prefix, columns) for i, raw in enumerate(read_rows(source, split, config_name))]
@@ -171,8 +171,8 @@ def load_benchmark(name: str, data_file: str | None = None, *, skip_bad_rows: bo
     if name not in BENCHMARKS:
         raise DataError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHMARKS))}")
     hub_id, split = BENCHMARKS[name]
-    if name == EMBEDDED_TASK and data_file is None:
-        return load_math_dataset(EMBEDDED_TASK, split, embedded_size=embedded_size)
+    if name in EMBEDDED_TASKS and data_file is None:
+        return load_math_dataset(name, split, embedded_size=embedded_size)
     try:
         return load_math_dataset(data_file or hub_id, split, skip_bad_rows=skip_bad_rows)
     except DataError as err:

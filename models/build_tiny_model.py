@@ -10,7 +10,15 @@
 4. Measure accuracy on the eval split (sampled at T=1.0 and greedy) with the project's verifier and
    save model + tokenizer + `build_info.json`.
 
+`--task arith_checks` builds `tiny-checks` (models/tiny-qwen3-checks), for the task where only an
+explicit check catches a slip. Its student solutions slip (`--slip_prob`) and check (`--check_prob`)
+at the student's rates; its teacher, when shown a solution, answers without slips and checks at
+`--teacher_check_prob`, much less often: the paper's premise (a teacher who has seen a verified
+solution takes shortcuts, so deliberation gets u = log pi_T - log pi_S < 0) built in on purpose, to
+test whether AntiSD then does what the paper says. Without a shown solution it answers as the student.
+
     python -m models.build_tiny_model [--output_dir models/tiny-qwen3] [--sft_steps N] [--seed S]
+    python -m models.build_tiny_model --task arith_checks --output_dir models/tiny-qwen3-checks
 """
 
 from __future__ import annotations
@@ -21,12 +29,18 @@ import math
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny-qwen3"
+from data.arith import CHECK_PROB, SLIP_PROB, TASKS
+from models import EMBEDDED_MODELS
+
+DEFAULT_TINY_MODEL_DIR = EMBEDDED_MODELS["tiny"][0]
+# arith_checks only: the student's slip and check rates, the shown-solution teacher's check rate
+CHECKS_DEFAULTS = {"slip_prob": SLIP_PROB, "check_prob": CHECK_PROB, "teacher_check_prob": 0.05}
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 PRETOKENIZE_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CHAT_TEMPLATE = (
@@ -39,7 +53,17 @@ CHAT_TEMPLATE = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output_dir", default=str(DEFAULT_TINY_MODEL_DIR), help="where model, tokenizer and build_info.json go")
+    p.add_argument("--output_dir", default=None, help="where model, tokenizer and build_info.json go; None: the embedded "
+                   "model's folder for --task (models/tiny-qwen3, models/tiny-qwen3-checks)")
+    p.add_argument("--task", default="arith", choices=TASKS,
+                   help="the SFT task (data/arith.py); arith_checks: only an explicit check catches a slip")
+    p.add_argument("--slip_prob", type=float, default=None,
+                   help=f"arith_checks: chance that a student solution slips once; None: {CHECKS_DEFAULTS['slip_prob']}")
+    p.add_argument("--check_prob", type=float, default=None,
+                   help=f"arith_checks: the student's chance of a check after each step; None: {CHECKS_DEFAULTS['check_prob']}")
+    p.add_argument("--teacher_check_prob", type=float, default=None,
+                   help="arith_checks: the same for the teacher shown a solution, which never slips; "
+                        f"None: {CHECKS_DEFAULTS['teacher_check_prob']}")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (data, init, SFT, eval sampling)")
     p.add_argument("--sft_steps", type=int, default=1000, help="SFT optimizer steps")
     p.add_argument("--batch_size", type=int, default=16, help="SFT sequences per step")
@@ -55,7 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_n", type=int, default=200, help="eval problems for the accuracy check")
     p.add_argument("--max_new_tokens", type=int, default=192, help="generation budget at evaluation")
     p.add_argument("--num_threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads (1 is much faster than 2 on a busy 2-core machine)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = str(next(folder for folder, task in EMBEDDED_MODELS.values() if task == args.task))
+    for name, default in CHECKS_DEFAULTS.items():
+        if args.task == "arith" and getattr(args, name) is not None:
+            p.error(f"--{name} is for --task arith_checks")
+        if args.task == "arith_checks" and getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -91,22 +123,35 @@ def build_model(tokenizer, args):
     return model
 
 
-def sft_texts(rows: list[dict], n: int, teacher_frac: float, rng: random.Random) -> list[tuple[str, str]]:
-    """`n` (user message, assistant response) pairs in the student and teacher formats."""
-    from data.arith import make_solution
+def solution_writers(args) -> dict:
+    """How SFT writes a problem's solution (each `(steps, rng) -> text`): `student`, the one a teacher
+    prompt shows (`shown`: correct, as the trainer shows a correct sibling or the dataset's solution),
+    and the teacher's response when a solution is shown (`teacher`)."""
+    from data.arith import make_checked_solution, make_solution
+
+    if args.task == "arith":
+        return {"student": make_solution, "shown": make_solution, "teacher": make_solution}
+    student = partial(make_checked_solution, slip_prob=args.slip_prob, check_prob=args.check_prob)
+    return {"student": student, "shown": partial(student, correct=True),
+            "teacher": partial(make_checked_solution, slip_prob=0.0, check_prob=args.teacher_check_prob)}
+
+
+def sft_texts(rows: list[dict], n: int, teacher_frac: float, rng: random.Random, writers: dict) -> list[tuple[str, str]]:
+    """`n` (user message, assistant response) pairs in the student and teacher formats; a teacher
+    prompt without a shown solution gets a student response."""
     from prompts import FEEDBACK_CORRECT, FEEDBACK_INCORRECT, teacher_user_message
     from verifiers.math import last_boxed_span
 
     pairs = []
     for _ in range(n):
         row = rng.choice(rows)
-        user = row["problem"]
+        user, write = row["problem"], writers["student"]
         if rng.random() < teacher_frac:
-            shown = make_solution(row["steps"], rng) if rng.random() < 0.85 else None
+            shown = writers["shown"](row["steps"], rng) if rng.random() < 0.85 else None
             if shown is not None:  # the trainer cuts a shown solution right after its graded \boxed{}
-                shown = shown[: last_boxed_span(shown)[1]]
+                shown, write = shown[: last_boxed_span(shown)[1]], writers["teacher"]
             user = teacher_user_message(user, shown, rng.choice([FEEDBACK_CORRECT, FEEDBACK_INCORRECT]))
-        pairs.append((user, make_solution(row["steps"], rng)))
+        pairs.append((user, write(row["steps"], rng)))
     return pairs
 
 
@@ -174,14 +219,16 @@ def build(args) -> dict:
     try:
         torch.manual_seed(args.seed)
         rng = random.Random(args.seed)
-        train = generate_split("train", args.train_n, seed=args.seed, include_steps=True)
-        evals = generate_split("eval", args.eval_n, seed=args.seed)
+        train = generate_split("train", args.train_n, seed=args.seed, include_steps=True, task=args.task)
+        evals = generate_split("eval", args.eval_n, seed=args.seed, task=args.task)
+        writers = solution_writers(args)
         print(f"training tokenizer (vocab {args.vocab_size}) on {len(train)} problems")
-        tokenizer = train_tokenizer((t for pair in sft_texts(train, 2 * len(train), 0.5, random.Random(args.seed)) for t in pair), args.vocab_size)
+        tokenizer = train_tokenizer((t for pair in sft_texts(train, 2 * len(train), 0.5, random.Random(args.seed), writers)
+                                     for t in pair), args.vocab_size)
         model = build_model(tokenizer, args)
         params = sum(p.numel() for p in model.parameters())
         print(f"model: Qwen3 {args.num_layers}x{args.hidden_size}, {params:,} parameters")
-        examples = encode(tokenizer, sft_texts(train, args.sft_steps * args.batch_size, args.teacher_frac, rng))
+        examples = encode(tokenizer, sft_texts(train, args.sft_steps * args.batch_size, args.teacher_frac, rng, writers))
         loss = sft(model, examples, args, tokenizer.pad_token_id)
         acc_t1, samples = evaluate(model, tokenizer, evals, 1.0, args.max_new_tokens, args.seed)
         acc_greedy, _ = evaluate(model, tokenizer, evals, 0.0, args.max_new_tokens, args.seed)
@@ -203,7 +250,7 @@ def build(args) -> dict:
         "mean_reference_solution_tokens": sum(solution_tokens) / len(solution_tokens),
         "final_sft_loss": loss,
         "build_seconds": round(time.time() - start, 1),
-        "task": {"num_steps": generate_split.__kwdefaults__["num_steps"], "digits": generate_split.__kwdefaults__["digits"]},
+        "task": {"name": args.task, "num_steps": generate_split.__kwdefaults__["num_steps"], "digits": generate_split.__kwdefaults__["digits"]},
         "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "example_eval_completion": samples.texts[0],
     }
@@ -213,13 +260,18 @@ def build(args) -> dict:
     return info
 
 
-def ensure_tiny_model(path: str | Path = DEFAULT_TINY_MODEL_DIR) -> Path:
-    """Return `path` if it holds the tiny model and its tokenizer, else build it there first."""
+def ensure_tiny_model(path: str | Path = DEFAULT_TINY_MODEL_DIR, task: str = "arith") -> Path:
+    """Return `path` if it holds a model and its tokenizer, else build one for `task` there first."""
     path = Path(path)
     if not all((path / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")):
-        print(f"building the embedded tiny model into {path} (a few minutes on CPU)")
-        build(parse_args(["--output_dir", str(path)]))
+        print(f"building the embedded tiny model for {task} into {path} (a few minutes on CPU)")
+        build(parse_args(["--output_dir", str(path), "--task", task]))
     return path
+
+
+def ensure_embedded_model(name: str) -> Path:
+    """The folder of an embedded model (`models.EMBEDDED_MODELS`: 'tiny', 'tiny-checks'), built on first use."""
+    return ensure_tiny_model(*EMBEDDED_MODELS[name])
 
 
 def main(argv=None) -> None:
