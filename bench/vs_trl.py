@@ -8,8 +8,8 @@ Both train the embedded default (tiny model, arith, 8 prompts x 8 rollouts, 128 
 top-p 1, lr 2e-4 constant, no KL, PPO clip 0.2, token-mean loss over the step, micro-batches of 16
 sequences, one optimizer step per rollout batch, fp32, no gradient checkpointing, torch threads as
 our trainer sets them), seeded alike, with the same prompts (chat template, no system prompt) and the
-same math-verify reward. TRL: `per_device_train_batch_size`
-16 x `gradient_accumulation_steps` 4 = one generation batch of 64 per step. Runs are interleaved
+same math-verify reward. TRL: `per_device_train_batch_size` 16 x `gradient_accumulation_steps` 4 =
+one generation batch of 64 per step. Runs are interleaved
 (ours, TRL, ours, TRL, ...) and each figure is the mean over steps 2..N: ours from metrics.jsonl
 (`time/step_s`), TRL's from the wall time between consecutive optimizer steps (a callback). The
 prompts of a step differ between the two (each shuffles its own way), so compare seconds per
@@ -86,7 +86,8 @@ def measure_trl(steps: int) -> dict[str, float]:
 
 def measure_ours(steps: int, decoding: str) -> dict[str, float]:
     r = measure("grpo", steps, ["--transformers_decoding", decoding])
-    rollouts = parse_config([]).prompts_per_step * parse_config([]).group_size
+    cfg = parse_config([])
+    rollouts = cfg.prompts_per_step * cfg.group_size
     return {"step": r["step"], "length": r["length"], "s_per_token": r["step"] / (r["length"] * rollouts)}
 
 
