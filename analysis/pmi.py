@@ -20,6 +20,7 @@ Writes to --output_dir:
   on hover, one card per rollout;
 - `stats.json`, `stats.md`: by token class (deliberation markers, numbers/arithmetic, answer and
   box, rest): count, mean u, fraction u < 0, and the bonus / penalty mass under AntiSD's -phi(u);
+  on `arith_checks`, also how the rollouts' checks went (`check_stats`: do they catch slips?);
 - `u_hist.png` (u by class) and `density.png` (pi_S against pi_T of every token, the paper's Fig. 2).
 """
 
@@ -36,6 +37,7 @@ import torch
 
 import train_antisd
 from checkpoints import load_policy, model_dir
+from data.arith import audit_checks
 from rollouts import SamplingSettings, TransformersRollouts, rollout_seed
 from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import MathVerifier
@@ -149,7 +151,25 @@ def marker_stats(records: list[dict]) -> dict:
             for k, v in sorted(by_marker.items(), key=lambda kv: -len(kv[1]))}
 
 
-def stats_markdown(meta: dict, stats: dict, markers: dict) -> str:
+def check_stats(records: list[dict]) -> dict:
+    """`arith_checks`: data.arith.audit_checks summed over the rollouts, and whether a check pays: over
+    the problems that have rollouts with and without a check, the mean of each problem's mean reward
+    with and without one (each problem weighs the same: problems with more steps get more checks and
+    are harder, so pooling rollouts would confound the two)."""
+    audits = [audit_checks("".join(r["tokens"])) for r in records]
+    totals = {k: sum(a[k] for a in audits) for k in audits[0]}
+    by_problem: dict = {}
+    for r, a in zip(records, audits):
+        by_problem.setdefault(r["problem_id"], {True: [], False: []})[a["checks"] > 0].append(r["reward"])
+    both = [p for p in by_problem.values() if p[True] and p[False]]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {**totals, "rollouts": len(records), "rollouts_with_check": sum(a["checks"] > 0 for a in audits),
+            "problems_with_and_without_check": len(both),
+            "reward_with_check": mean([mean(p[True]) for p in both]),
+            "reward_without_check": mean([mean(p[False]) for p in both])}
+
+
+def stats_markdown(meta: dict, stats: dict, markers: dict, checks: dict | None = None) -> str:
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# PMI of `{meta['model']}` on `{meta['dataset']}`", "",
              f"{meta['rollouts']} rollouts of {meta['problems']} problems, mean reward {meta['mean_reward']:.3f}. "
@@ -162,6 +182,16 @@ def stats_markdown(meta: dict, stats: dict, markers: dict) -> str:
     if markers:
         lines += ["", "Deliberation markers:", "", "| marker | tokens | mean u | frac u < 0 |", "|---|---|---|---|"]
         lines += [f"| {k} | {m['tokens']} | {m['mean_u']:.3f} | {m['frac_u_negative']:.3f} |" for k, m in markers.items()]
+    if checks:
+        c = checks
+        lines += ["", "Checks (`Wait, let me check:` lines, data.arith.audit_checks):", "",
+                  f"- {c['steps']} equation steps, {c['steps_right']} right; {c['checks']} checks in "
+                  f"{c['rollouts_with_check']} of {c['rollouts']} rollouts, {c['checks_right']} recompute right;",
+                  f"- {c['checks_after_wrong']} checks follow a wrong step, {c['caught']} of them catch it (right value); "
+                  f"{c['false_alarms']} turn a right step wrong;",
+                  f"- within the {c['problems_with_and_without_check']} problems with rollouts both with and without a "
+                  f"check, mean reward with a check {fmt(c['reward_with_check'])}, without {fmt(c['reward_without_check'])} "
+                  "(means of the problems' means)."]
     return "\n".join(lines) + "\n"
 
 
@@ -262,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             "rollouts": len(records), "mean_reward": sum(r["reward"] for r in records) / len(records),
             "temperature": cfg.temperature, "seed": cfg.seed}
     stats, markers = class_stats(records), marker_stats(records)
-    (out / "stats.json").write_text(json.dumps({**meta, "classes": stats, "markers": markers}, indent=2) + "\n")
-    (out / "stats.md").write_text(stats_markdown(meta, stats, markers))
+    checks = check_stats(records) if cfg.dataset == "arith_checks" else None
+    (out / "stats.json").write_text(json.dumps({**meta, "classes": stats, "markers": markers, "checks": checks}, indent=2) + "\n")
+    (out / "stats.md").write_text(stats_markdown(meta, stats, markers, checks))
     write_html(records, meta, out / "pmi.html")
     plot(records, out)
     print((out / "stats.md").read_text())

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 
 NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Ivy", "Jack", "Lena", "Omar", "Mia", "Noah"]
 
@@ -199,6 +200,41 @@ def make_checked_solution(steps: list, rng: random.Random, slip_prob: float = SL
         lines.append(f"So the answer is \\boxed{{{value}}}.")
         if value == values[-1] or not correct:  # an uncaught slip changes every later value: a wrong answer
             return "\n".join(lines)
+
+
+_WRITTEN_EQUATION = re.compile(r"(\d+) ([+\-×÷]) (\d+) = (\d+)")
+_OPERATOR = {v: k for k, v in SYMBOL.items()}
+
+
+def audit_checks(text: str) -> dict:
+    """How the checks of an `arith_checks`-style response (a model's, not only ours) went, line by line:
+    `steps` equation lines and how many of them are `steps_right`; `checks` ("Wait, let me check: ..."
+    lines) and how many recompute right (`checks_right`); `checks_after_wrong` (the step above was
+    wrong) and how many of those give the right value (`caught`: the slip is fixed); `false_alarms`
+    (a right step "checked" to a wrong value)."""
+    counts = dict.fromkeys(("steps", "steps_right", "checks", "checks_right", "checks_after_wrong", "caught",
+                            "false_alarms"), 0)
+    above_right = None  # whether the equation line above was right; None when there is none to check
+    for line in text.split("\n"):
+        m = _WRITTEN_EQUATION.search(line)
+        if not m:
+            continue
+        a, op, x, written = int(m[1]), _OPERATOR[m[2]], int(m[3]), int(m[4])
+        right = (op != "/" or (x > 0 and a % x == 0)) and written == apply(op, a, x)
+        if line.startswith("Wait, let me check:"):
+            counts["checks"] += 1
+            counts["checks_right"] += right
+            if above_right is False:
+                counts["checks_after_wrong"] += 1
+                counts["caught"] += right
+            elif above_right:
+                counts["false_alarms"] += not right
+            above_right = None
+        else:
+            counts["steps"] += 1
+            counts["steps_right"] += right
+            above_right = right
+    return counts
 
 
 def make_problem(rng: random.Random, num_steps: int, digits: int) -> dict:

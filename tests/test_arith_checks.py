@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from data.arith import generate_split, make_checked_solution, make_problem
+from data.arith import audit_checks, generate_split, make_checked_solution, make_problem
 from models.build_tiny_model import main as build_main
 from models.build_tiny_model import parse_args, sft_texts, solution_writers
 
@@ -212,3 +212,38 @@ def test_pmi_classes_the_check_phrases_as_deliberation():
     classes = token_classes(tokens)
     assert [classes[i] for i in (7, 9, 10, 11, 19)] == ["deliberation"] * 5
     assert set(classes[13:18]) == {"number/arithmetic"} and classes[20] == "number/arithmetic"
+
+
+def test_audit_checks_reads_our_solutions_as_the_walk_does():
+    rows = generate_split("train", 200, include_steps=True, task="arith_checks")
+    rng = random.Random(1)
+    for r in rows:
+        solution = make_checked_solution(r["steps"], rng)
+        seen, audit = walk(solution, r["steps"]), audit_checks(solution)
+        assert audit["steps"] == seen["steps"] and audit["steps_right"] == seen["steps"] - seen["slips"]
+        assert audit["checks"] == audit["checks_right"] == seen["checks"] and audit["caught"] == seen["caught"]
+        assert audit["false_alarms"] == 0 and audit["checks_after_wrong"] == seen["caught"]
+
+
+def test_audit_checks_on_a_model_s_echoing_and_wrong_checks():
+    text = ("Start with 7.\n7 × 3 = 24.\nWait, let me check: 7 × 3 = 24.\n24 ÷ 5 = 5.\n"  # echoes the slip; inexact
+            "Wait, let me check: 24 ÷ 5 = 4, not 5.\n4 + 9 = 13.\nWait, let me check: 4 + 9 = 14.\n"  # a false alarm
+            "Wait, let me check: 4 + 9 = 13.\nSo the answer is \\boxed{13}.")  # a second check has no step above
+    assert audit_checks(text) == {"steps": 3, "steps_right": 1, "checks": 4, "checks_right": 1, "checks_after_wrong": 2,
+                                  "caught": 0, "false_alarms": 1}
+    fixed = text.replace("Wait, let me check: 7 × 3 = 24.", "Wait, let me check: 7 × 3 = 21, not 24.")
+    assert audit_checks(fixed)["caught"] == 1 and audit_checks(fixed)["checks_right"] == 2
+
+
+def test_pmi_check_stats_weigh_each_problem_the_same():
+    from analysis.pmi import check_stats
+
+    checked, plain = "5 + 3 = 8.\nWait, let me check: 5 + 3 = 8.", "5 + 3 = 8."
+    records = [{"problem_id": p, "tokens": [text], "reward": reward} for p, text, reward in
+               [("a", checked, 1.0), ("a", plain, 0.0), ("a", plain, 0.0), ("a", plain, 0.0),
+                ("b", checked, 0.0), ("b", checked, 0.0), ("b", checked, 0.0), ("b", plain, 1.0),
+                ("c", plain, 1.0)]]  # c has no checked rollout: left out of the comparison
+    stats = check_stats(records)
+    assert stats["problems_with_and_without_check"] == 2 and stats["rollouts_with_check"] == 4
+    assert stats["reward_with_check"] == pytest.approx(0.5) and stats["reward_without_check"] == pytest.approx(0.5)
+    assert stats["checks"] == stats["checks_right"] == 4 and stats["steps"] == 9
