@@ -404,6 +404,9 @@ def score_math(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
     flat = [(pid, s["completion"]) for pid, group in grouped.items() for s in group]
     with MathVerifier(num_workers=max(1, args.num_workers), timeout_s=4.0) as verifier:
         scores = verifier.score([c for _, c in flat], [problems[pid]["answer"] for pid, _ in flat])
+        if verifier.timeouts or verifier.errors:
+            print(f"warning: {verifier.timeouts} answer checks ran past the verifier's CPU limit and "
+                  f"{verifier.errors} failed; each scored 0")
     out = defaultdict(list)
     for (pid, _), score in zip(flat, scores):
         out[pid].append(score)

@@ -740,6 +740,8 @@ def main(cfg: Config) -> None:
         metrics = step_metrics(accelerator, step, cfg.group_size, cfg.ppo_epochs, rewards, reward_parts, rollout.truncated,
                                stats.entropy_median, seq_lambda, gate.open, update, u_all, scheduler.get_last_lr()[0],
                                timings, step_s)
+        if verifier is not None:  # checks over the verifier's CPU limit score 0: right answers may have been lost
+            metrics["reward/verifier_timeouts"] = accelerator.reduce(torch.tensor(float(verifier.timeouts), device=device), "sum").item()
         if cfg.log_completions:
             log_completions(accelerator, out / "completions.jsonl", step, cfg.log_completions, {
                 "prompt": [prompts[i] for i in per_rollout], "completion": rollout.texts, "reward": rewards,

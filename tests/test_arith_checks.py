@@ -200,6 +200,7 @@ def test_one_training_step_on_arith_checks(tmp_path):
     main(cfg)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics] == [1] and metrics[0]["u/mean"] is not None
+    assert metrics[0]["reward/verifier_timeouts"] == 0
     evaluated = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [(r["bench"], r["num_problems"]) for r in evaluated] == [("arith_checks", 2)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing
 import sys
 import time
@@ -196,7 +197,7 @@ def test_hard_timeout_kills_and_replaces(verifier):
     before = verifier.timeouts
     pids = {w.proc.pid for w in verifier._workers}
     t = time.monotonic()
-    assert verifier._debug_run("sleep", 60) == 0.0  # hangs past the hard limit -> killed
+    assert verifier._debug_run("spin_unstoppable", 60) == 0.0  # burns CPU past the hard limit -> killed
     dt = time.monotonic() - t
     assert TIMEOUT_S - 0.1 <= dt < TIMEOUT_S + SLACK_S
     assert verifier.timeouts == before + 1
@@ -205,10 +206,56 @@ def test_hard_timeout_kills_and_replaces(verifier):
     assert verifier.score(["\\boxed{5}", "\\boxed{6}"], ["5", "6"]) == [1.0, 1.0]
 
 
+def test_soft_cpu_limit_ends_a_check_without_a_kill(verifier):
+    before, pids = verifier.timeouts, {w.proc.pid for w in verifier._workers}
+    t = time.monotonic()
+    assert verifier._debug_run("spin", 60) == 0.0
+    assert time.monotonic() - t < TIMEOUT_S / 2 + SLACK_S and verifier.timeouts == before + 1
+    assert {w.proc.pid for w in verifier._workers} == pids
+
+
+def test_a_worker_that_waits_for_a_core_is_not_timed_out(verifier):
+    """On a loaded machine a check can wait longer than timeout_s for CPU: only CPU time counts
+    (the workers are stopped for twice the limit here, as a starved process would be)."""
+    import signal
+    import threading
+
+    verifier.score_one("\\boxed{1}", "1")  # workers started and warm
+    pids = [w.proc.pid for w in verifier._workers]
+    stopped = threading.Event()
+
+    def starve():
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        stopped.set()
+        time.sleep(2 * TIMEOUT_S)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+    before = verifier.timeouts
+    thread = threading.Thread(target=starve)
+    thread.start()
+    stopped.wait()
+    t = time.monotonic()
+    assert verifier.score(["\\boxed{\\frac{1}{2}}", "\\boxed{7}"], ["0.5", "7"]) == [1.0, 1.0]
+    assert time.monotonic() - t >= 1.5 * TIMEOUT_S and verifier.timeouts == before
+    thread.join()
+    assert [w.proc.pid for w in verifier._workers] == pids
+
+
+def test_a_worker_that_hangs_without_cpu_is_killed_at_max_wall_s():
+    with MathVerifier(num_workers=1, timeout_s=TIMEOUT_S, max_wall_s=1.0) as v:
+        v.score_one("\\boxed{1}", "1")
+        t = time.monotonic()
+        assert v._debug_run("sleep", 60) == 0.0
+        assert time.monotonic() - t < 1.0 + SLACK_S and v.timeouts == 1
+        assert v.score_one("\\boxed{2}", "2") == 1.0
+
+
 def test_timeout_in_batch_does_not_block_others(verifier):
     before = verifier.timeouts
     # One worker hangs; the other keeps serving the rest of the batch.
-    jobs = [(0, ("_debug", "sleep", 60))] + [(i, ("check", "5", "5")) for i in range(1, 21)]
+    jobs = [(0, ("_debug", "spin_unstoppable", 60))] + [(i, ("check", "5", "5")) for i in range(1, 21)]
     t = time.monotonic()
     res = verifier._run_jobs(jobs)
     dt = time.monotonic() - t

@@ -21,10 +21,14 @@ Rules (see SPEC section 4):
 * Gold: wrapped as ``"$" + gold + "$"`` before ``parse`` (a raw ``8\\sqrt{10}`` parses to ``8``);
   ``verify(gold_parsed, pred_parsed)`` in that order.
 * Every pooled check runs in a long-lived worker process (spawn start method, no torch imported
-  there) under a hard wall-clock limit enforced by the parent: a worker that overruns is SIGKILLed
-  and replaced, the check scores 0.0 and ``timeouts`` is incremented; a worker that dies (or raises)
-  scores 0.0 and increments ``errors``. math-verify's own ``signal.alarm`` timeouts are still set
-  inside workers (shorter than the hard limit) so most slow checks end without a kill.
+  there) under a hard limit of ``timeout_s`` seconds of the worker's CPU time, enforced by the
+  parent: a worker that overruns is SIGKILLed and replaced, the check scores 0.0 and ``timeouts`` is
+  incremented; a worker that dies (or raises) scores 0.0 and increments ``errors``. Inside workers a
+  soft limit of half that CPU time (``ITIMER_PROF``) ends most slow checks without a kill (also
+  counted in ``timeouts``). The limits count CPU time, not wall time, because on a loaded machine a
+  trivial check can wait seconds for a core: wall-clock limits (math-verify's own ``signal.alarm``,
+  which is off in workers) then score right answers 0. A worker that uses no CPU for
+  ``max_wall_s`` (default 30 x ``timeout_s``) is killed all the same.
 
 This module must stay light: it imports only the standard library at top level (math_verify is
 imported lazily), because spawned workers import it.
@@ -58,7 +62,7 @@ __all__ = [
 ]
 
 TAIL_CHARS = 2000  # only the last this-many characters of the answer region are searched
-DEFAULT_TIMEOUT_S = 4.0  # hard wall-clock limit per pooled check (a killed check ends just past it)
+DEFAULT_TIMEOUT_S = 4.0  # hard limit per pooled check, in the worker's CPU seconds
 GOLD_PARSE_TIMEOUT_S = 3  # int seconds: math-verify's own (signal.alarm) parsing timeout for gold_parses
 WORKER_START_TIMEOUT_S = 120.0  # a worker that is not ready (math_verify imported) by then is replaced
 _MAX_START_FAILURES = 3  # consecutive worker start failures before score() raises
@@ -266,14 +270,24 @@ def _set_parent_death_signal(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(conn, parent_pid: int, inner_timeout: int) -> None:
+class _CpuTimeout(BaseException):
+    """The soft per-check CPU limit. A BaseException, so that math-verify's broad ``except
+    Exception`` clauses cannot turn it into a silent False."""
+
+
+def _raise_cpu_timeout(signum, frame) -> None:
+    raise _CpuTimeout
+
+
+def _worker_main(conn, parent_pid: int, inner_timeout: float) -> None:
     """Worker loop. Messages in: ("check", content, gold) | ("_debug", kind, arg) | None.
-    Messages out: ("ready", pid) | ("ok", bool) | ("err", str)."""
+    Messages out: ("ready", pid) | ("ok", bool) | ("err", str) | ("timeout",)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    signal.signal(signal.SIGPROF, _raise_cpu_timeout)
     _set_parent_death_signal(parent_pid)
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # no per-check timeout spam
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     try:
-        _verify_content("1", "1", inner_timeout)  # import math_verify + warm caches
+        _verify_content("1", "1", None)  # import math_verify + warm caches
     except Exception:
         pass
     conn.send(("ready", os.getpid()))
@@ -285,11 +299,17 @@ def _worker_main(conn, parent_pid: int, inner_timeout: int) -> None:
         if msg is None:
             break
         try:
+            signal.setitimer(signal.ITIMER_PROF, inner_timeout)  # counts this process's CPU time only
             if msg[0] == "check":
-                out = ("ok", _verify_content(msg[1], msg[2], inner_timeout))
-            elif msg[0] == "_debug":  # test hook: ("_debug", "sleep", s) / ("_debug", "exit", code)
-                if msg[1] == "sleep":
-                    time.sleep(float(msg[2]))
+                out = ("ok", _verify_content(msg[1], msg[2], None))
+            elif msg[0] == "_debug":  # test hook: ("_debug", "sleep" | "spin" | "spin_unstoppable", s) / ("_debug", "exit", code)
+                if msg[1] in ("sleep", "spin", "spin_unstoppable"):
+                    if msg[1] == "spin_unstoppable":  # as a long C call would: the soft limit cannot stop it
+                        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPROF})
+                    end = time.monotonic() + float(msg[2])
+                    while time.monotonic() < end:
+                        if msg[1] == "sleep":
+                            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
                     out = ("ok", True)
                 elif msg[1] == "exit":
                     os._exit(int(msg[2]))
@@ -297,8 +317,12 @@ def _worker_main(conn, parent_pid: int, inner_timeout: int) -> None:
                     out = ("err", f"unknown debug command {msg[1]!r}")
             else:
                 out = ("err", f"unknown command {msg[0]!r}")
+        except _CpuTimeout:
+            out = ("timeout",)
         except Exception as e:  # noqa: BLE001 - reported to the parent, counted as an error
             out = ("err", f"{type(e).__name__}: {e}"[:500])
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
         try:
             conn.send(out)
         except (EOFError, OSError):
@@ -335,15 +359,28 @@ def _install_spawn_patch() -> None:
         _patched = True
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far; None where it cannot be read."""
+    try:
+        import psutil
+
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    except Exception:  # noqa: BLE001 - gone, or no psutil: the caller falls back to wall time
+        return None
+
+
 class _Worker:
-    __slots__ = ("proc", "conn", "ready", "job", "deadline", "start_deadline")
+    __slots__ = ("proc", "conn", "ready", "job", "deadline", "wall_deadline", "cpu_start", "start_deadline")
 
     def __init__(self, proc, conn, start_deadline: float):
         self.proc = proc
         self.conn = conn
         self.ready = False
         self.job: int | None = None  # index of the job in flight
-        self.deadline = 0.0
+        self.deadline = 0.0  # when to look at the job's CPU time next
+        self.wall_deadline = 0.0  # killed then whatever its CPU time
+        self.cpu_start: float | None = None  # the worker's CPU seconds when the job was sent
         self.start_deadline = start_deadline
 
     def kill(self) -> None:
@@ -384,7 +421,7 @@ def _shutdown_workers(workers: list) -> None:
 # --------------------------------------------------------------------------------------------
 
 class MathVerifier:
-    """Pool of math-verify worker processes with a hard per-check wall-clock limit.
+    """Pool of math-verify worker processes with a hard per-check limit on CPU time (module docstring).
 
     ``score`` is a batch API: checks are dispatched one at a time per worker, all workers busy in
     parallel, results in input order. Workers start lazily (first ``score``) and are long-lived.
@@ -393,7 +430,7 @@ class MathVerifier:
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 tail_chars: int = TAIL_CHARS):
+                 tail_chars: int = TAIL_CHARS, max_wall_s: float | None = None):
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         if timeout_s <= 0:
@@ -401,8 +438,8 @@ class MathVerifier:
         self.num_workers = int(num_workers)
         self.timeout_s = float(timeout_s)
         self.tail_chars = int(tail_chars)
-        # math-verify's own (soft) timeouts inside workers: whole seconds, below the hard limit.
-        self._inner_timeout = max(1, int(self.timeout_s // 2))
+        self.max_wall_s = 30 * self.timeout_s if max_wall_s is None else float(max_wall_s)
+        self._inner_timeout = self.timeout_s / 2  # the workers' soft CPU limit, below the hard one
         self.timeouts = 0
         self.errors = 0
         self._ctx = multiprocessing.get_context(_START_METHOD)
@@ -474,7 +511,8 @@ class MathVerifier:
 
     def _debug_run(self, kind: str, arg) -> float:
         """Test hook: run ("_debug", kind, arg) in a worker under the normal deadline/kill logic.
-        kind "sleep" sleeps arg seconds then scores 1.0; kind "exit" makes the worker os._exit(arg)."""
+        kind "sleep" sleeps arg seconds then scores 1.0, "spin" busy-waits arg seconds (CPU time),
+        "spin_unstoppable" too with the soft limit's signal blocked; "exit" makes the worker os._exit(arg)."""
         return self._run_jobs([(0, ("_debug", kind, arg))])[0]
 
     def _run_jobs(self, jobs: list) -> dict:
@@ -507,7 +545,9 @@ class MathVerifier:
                         continue
                     pending.popleft()
                     w.job = idx
+                    w.cpu_start = _cpu_seconds(w.proc.pid)
                     w.deadline = time.monotonic() + self.timeout_s
+                    w.wall_deadline = time.monotonic() + max(self.max_wall_s, self.timeout_s)
             # 2) wait for a result, a death, or the nearest deadline
             now = time.monotonic()
             deadlines = [w.deadline if w.job is not None else w.start_deadline
@@ -534,6 +574,9 @@ class MathVerifier:
                     elif w.job is not None:
                         if msg[0] == "ok":
                             results[w.job] = 1.0 if msg[1] else 0.0
+                        elif msg[0] == "timeout":
+                            results[w.job] = 0.0
+                            self.timeouts += 1
                         else:
                             results[w.job] = 0.0
                             self.errors += 1
@@ -543,6 +586,11 @@ class MathVerifier:
             # 4) enforce deadlines
             now = time.monotonic()
             for w in list(self._workers):
+                if w.job is not None and now >= w.deadline and now < w.wall_deadline:
+                    cpu_now = _cpu_seconds(w.proc.pid)
+                    if w.cpu_start is not None and cpu_now is not None and cpu_now - w.cpu_start < self.timeout_s:
+                        w.deadline = now + max(0.05, self.timeout_s - (cpu_now - w.cpu_start))  # waited, not worked
+                        continue
                 if w.job is not None and now >= w.deadline:
                     results[w.job] = 0.0
                     self.timeouts += 1
