@@ -118,7 +118,7 @@ class Config:
     reward_funcs: list[str] | None = arg(None, "pkg.module:function or file.py:function (TRL signature); default: math_verify.")
     reward_weights: list[float] | None = arg(None, "One weight per reward function (default 1 each).")
     verifier_workers: int = arg(2, "Math-verify worker processes.")
-    verifier_timeout_s: float = arg(4.0, "Wall-clock limit of one answer check (the check scores 0 past it).")
+    verifier_timeout_s: float = arg(4.0, "CPU-time limit of one answer check (the check scores 0 past it).")
     # --- method
     method: str = arg("antisd", "grpo (delta 0) | sd (+u, the paper's +SD) | sd_jsd (+phi(u)) | antisd (-phi(u)).")
     preset: str = arg("paper", "Defaults under recipe and flags: paper (entropy gate) or release (--gate release, reopen 1.07).")
@@ -669,6 +669,7 @@ def main(cfg: Config) -> None:
     verifier = (MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
                 if MATH_VERIFY in (cfg.reward_funcs or [MATH_VERIFY]) else None)
     reward_funcs = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier)
+    timeouts_logged = 0  # verifier.timeouts counts from the start; each step logs its own
     unwrapped = accelerator.unwrap_model(model)
     eval_args = EvalConfig(bench=cfg.eval_bench, model=cfg.model, output_dir=str(out / "eval"), n=cfg.eval_n,
                            limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_prompt=cfg.system_prompt,
@@ -741,7 +742,8 @@ def main(cfg: Config) -> None:
                                stats.entropy_median, seq_lambda, gate.open, update, u_all, scheduler.get_last_lr()[0],
                                timings, step_s)
         if verifier is not None:  # checks over the verifier's CPU limit score 0: right answers may have been lost
-            metrics["reward/verifier_timeouts"] = accelerator.reduce(torch.tensor(float(verifier.timeouts), device=device), "sum").item()
+            step_timeouts, timeouts_logged = verifier.timeouts - timeouts_logged, verifier.timeouts
+            metrics["reward/verifier_timeouts"] = accelerator.reduce(torch.tensor(float(step_timeouts), device=device), "sum").item()
         if cfg.log_completions:
             log_completions(accelerator, out / "completions.jsonl", step, cfg.log_completions, {
                 "prompt": [prompts[i] for i in per_rollout], "completion": rollout.texts, "reward": rewards,
