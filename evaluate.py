@@ -47,7 +47,7 @@ from urllib.parse import urlparse
 
 from cli import parse_layered
 from data.loading import BENCHMARKS, EMBEDDED_TASKS, DataError, default_instruction, load_benchmark
-from generation import DECODINGS
+from generation import DECODINGS, DEFAULT_DECODING
 from models import EMBEDDED_MODELS
 from prompts import EVALPLUS_INSTRUCTION, code_prompt, user_prompt
 
@@ -150,11 +150,11 @@ class EvalConfig:
     backend: str = field(default="auto", metadata={
         "choices": ["auto", "transformers", "vllm"],
         "help": "auto: vllm if it is installed and a GPU is present, else transformers"})
-    transformers_decoding: str = field(default="generate", metadata={
+    transformers_decoding: str = field(default=DEFAULT_DECODING, metadata={
         "choices": list(DECODINGS),
-        "help": "how the transformers backend decodes (as train_antisd.py --transformers_decoding): generate, "
-                "static, compiled, or shrink (a group's prompt prefilled once, finished samples leave the batch: "
-                "fastest on CPU, other samples than generate's from the same seed)"})
+        "help": "how the transformers backend decodes (as train_antisd.py --transformers_decoding): shrink (a "
+                "group's prompt prefilled once, finished samples leave the batch; the samples of generate, faster), "
+                "generate, static or compiled"})
     limit: int | None = field(default=None, metadata={
         "help": "only the first N problems of the benchmark (smoke tests)"})
     cache_dir: str | None = field(default=None, metadata={

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from distributed import full_parameters, full_weights_for_generation
-from generation import Samples, eos_token_ids, sample
+from generation import DEFAULT_DECODING, Samples, eos_token_ids, sample
 
 ROLLOUT_BACKENDS = ("transformers", "vllm")
 VLLM_VERSIONS = "==0.25.1"  # requirements-vllm.txt: the version whose source these calls were checked against
@@ -76,7 +76,7 @@ class TransformersRollouts:
     (`generation.DECODINGS`; `generate` is transformers' own loop)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, max_batch_tokens: int | None = None,
-                 progress: bool = False, decoding: str = "generate"):
+                 progress: bool = False, decoding: str = DEFAULT_DECODING):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.batch_size, self.max_batch_tokens, self.progress = batch_size, max_batch_tokens, progress
 

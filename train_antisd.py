@@ -45,13 +45,13 @@ from cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
 from distributed import gather_floats, make_accelerator, set_cpu_threads
 from evaluate import BENCH_CHOICES, EvalConfig, evaluate_during_training
-from generation import DECODINGS, Samples, chat_messages, chat_prompt_ids
+from generation import DECODINGS, DEFAULT_DECODING, Samples, chat_messages, chat_prompt_ids
 from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
 from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
 from rollouts import ROLLOUT_BACKENDS, SamplingSettings, make_rollouts, rollout_seed
-from scoring import (eval_mode_logprobs, has_dropout, length_sorted_batches, logit_chunk_rows, pack_sequences,
-                     teacher_scores, token_logprobs)
+from scoring import (SharedPromptScores, eval_mode_logprobs, has_dropout, length_sorted_batches, logit_chunk_rows,
+                     pack_sequences, shares_prompts, teacher_scores, token_logprobs)
 from verifiers.math import MathVerifier, last_boxed_span
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs, weighted_rewards
 
@@ -109,9 +109,9 @@ class Config:
                                              "Qwen3-4B/8B bf16 KV cache (144 KiB a token), which fits beside an FSDP2 "
                                              "shard of the 8B recipe on an 80 GB GPU (computed, not measured).")
     rollout_backend: str = arg("transformers", "transformers (the policy samples itself) | vllm (a colocated engine per GPU).")
-    transformers_decoding: str = arg("generate", "generate | static (KV cache) | compiled (static + torch.compile) | shrink "
-                                                 "(a group's prompt prefilled once, finished rollouts leave the batch; fastest "
-                                                 "on CPU; other samples than generate's).")
+    transformers_decoding: str = arg(DEFAULT_DECODING, "shrink (a group's prompt prefilled once, finished rollouts leave the "
+                                                       "batch; the samples of generate) | generate | static (KV cache) | "
+                                                       "compiled (static + torch.compile).")
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU memory share of the vLLM engine while awake (it sleeps otherwise).")
     importance_sampling_cap: float = arg(3.0, "Cap of the per-token ratio pi_trainer/pi_sampler (vLLM log-probs); 0: off.")
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
@@ -556,21 +556,26 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     resp_lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
     total_tokens = accelerator.reduce((resp_lens * trained).sum().to(device), "sum").clamp(min=1)
     total_seqs = accelerator.reduce(trained.sum().float().to(device), "sum").clamp(min=1)
-    micro_batches = length_sorted_batches([len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)],
-                                          cfg.micro_batch_size)  # token-mean weights make grouping irrelevant
+    # the G rollouts of a prompt share its forward where the model allows (scoring.SharedPromptScores): then
+    # only response lengths pad a micro-batch; token-mean weights make the grouping irrelevant
+    shared = shares_prompts(model, world) and min(map(len, rollout.prompt_ids)) > 1
+    micro_batches = length_sorted_batches([len(c) + (0 if shared else len(p)) for p, c in
+                                           zip(rollout.prompt_ids, rollout.completion_ids)], cfg.micro_batch_size)
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
     is_weights, is_values = {}, []  # per micro-batch; (ratio, weight) of each trained token
     seq_u_mean = torch.full((n_seq,), math.nan)
     grad_norm, skipped, noisy = None, False, has_dropout(model)
     for epoch in range(cfg.ppo_epochs):
+        shared_prompts = SharedPromptScores(model, rollout.prompt_ids, pad_id, device) if shared else None  # this epoch's weights
         for k, idx in enumerate(micro_batches):
-            packed = pack_sequences([rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx], pad_id, device)
+            responses = [rollout.completion_ids[i] for i in idx]
+            packed = pack_sequences([rollout.prompt_ids[i] for i in idx], responses, pad_id, device)
             mask = packed[-1]
             if epoch == 0 and noisy:
                 old_logp[k] = eval_mode_logprobs(model, *packed, chunk_rows)
             with nullcontext() if k == len(micro_batches) - 1 else accelerator.no_sync(model):  # sync on the last
-                logp, _ = token_logprobs(model, *packed, chunk_rows)
+                logp = shared_prompts.logprobs(idx, responses, pad_id, chunk_rows) if shared else token_logprobs(model, *packed, chunk_rows)[0]
                 if epoch == 0 and not noisy:
                     old_logp[k] = logp.detach()
                 if epoch == 0 and rollout.sampler_logprobs is not None:  # a sampler with its own log-probs (vLLM)
@@ -598,6 +603,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                 accelerator.backward(loss)
             stats["loss"] += loss.item() / world
             stats["clipped"] += clipped.item()
+        if shared:
+            shared_prompts.backward()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):  # the loop logs it
             optimizer.zero_grad(set_to_none=True)

@@ -8,9 +8,9 @@
 
 With --decodings, AntiSD runs once per transformers decoding (train_antisd.py --transformers_decoding),
 the decodings interleaved within each repeat so that load drifts hit them alike, and it prints per
-decoding: generate-phase seconds per generated token, its ratio to the first decoding's (the
-default, `generate`), and the generate / teacher / update shares of the step. `shrink` samples
-different rollouts than the others (same seed): per-token figures compare, lengths may not.
+decoding: generate-phase seconds per generated token, its ratio to the first decoding's, and the
+generate / teacher / update shares of the step. Every decoding samples the same rollouts from the
+same seed (`shrink`, the default, up to float noise), so the step's other phases do the same work.
 
 Prints the mean seconds per phase over the steps after the first (which warms caches), and the
 AntiSD / GRPO step-time ratio (the target is <= 1.15). Step times move by a few percent from run to

@@ -282,6 +282,41 @@ def test_teacher_scores_with_shared_prefixes_equal_naive(small_model, monkeypatc
     assert len(calls) == (2 + 4 if shared else 4) + 2
 
 
+def test_shared_prompt_scores_equal_whole_rows_with_gradient(small_model):
+    """Each distinct prompt read once, its KV cache continued per micro-batch and its gradient sent
+    back once == every row read whole: the same log-probs and the same parameter gradient."""
+    a, b, c = [1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]
+    prompts = [a, a, a, b, b, c, c, a]
+    responses = [[20, 21, 22], [23], [24, 25, 26, 27, 28], [29, 30], [31, 32, 33], [34], [35, 36, 37, 38], [39, 40]]
+    micro = [[1, 5, 3], [0, 4, 7], [2, 6]]
+    weights = torch.linspace(0.5, 1.5, 8)
+
+    def gradient(shared: bool):
+        small_model.zero_grad()
+        scores = scoring.SharedPromptScores(small_model, prompts, 0, "cpu") if shared else None
+        rows = {}
+        for idx in micro:
+            batch = [responses[i] for i in idx]
+            if shared:
+                logp = scores.logprobs(idx, batch, 0, chunk_rows=3)
+            else:
+                logp, _ = token_logprobs(small_model, *pack_sequences([prompts[i] for i in idx], batch, 0, "cpu"), chunk_rows=3)
+            (logp.sum(1) * weights[idx]).sum().backward()
+            rows.update({i: logp[j, :len(responses[i])].detach() for j, i in enumerate(idx)})
+        if shared:
+            scores.backward()
+        return rows, [p.grad.clone() for p in small_model.parameters()]
+
+    whole_rows, whole_grads = gradient(False)
+    shared_rows, shared_grads = gradient(True)
+    for i in range(len(responses)):
+        torch.testing.assert_close(shared_rows[i], whole_rows[i], atol=1e-5, rtol=1e-5)
+    for g, w in zip(shared_grads, whole_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in shared_grads)
+    assert scoring.shares_prompts(small_model, num_processes=1) and not scoring.shares_prompts(small_model, num_processes=2)
+
+
 def test_token_mean_is_the_same_in_micro_steps(small_model):
     """Gradient of the full batch at once == sum of micro-step gradients (DAPO token-mean)."""
     prompts = [[1, 2], [3, 4, 5], [6], [7, 8]]

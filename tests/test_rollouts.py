@@ -30,9 +30,12 @@ def tiny():
     return model, tokenizer, [p for p in prompts for _ in range(2)]
 
 
-def test_transformers_backend_is_a_seeded_generate(tiny):
-    model, tokenizer, prompts = tiny
-    got = TransformersRollouts(model, tokenizer).generate(prompts, SamplingSettings(24), seed=11)
+@pytest.mark.parametrize("decoding", ["generate", "shrink"])
+def test_transformers_backend_is_a_seeded_generate(tiny, decoding):
+    """Both decodings sample what a direct seeded `generate` samples (`shrink`, the default, draws for
+    finished rows too, so every row gets generate's random numbers)."""
+    model, tokenizer, prompts = tiny[0], tiny[1], tiny[2] * 4
+    got = TransformersRollouts(model, tokenizer, decoding=decoding).generate(prompts, SamplingSettings(24), seed=11)
     eos = model.generation_config.eos_token_id
     input_ids, attention_mask = pad_batch(prompts, tokenizer.pad_token_id)
     torch.manual_seed(11)
@@ -44,11 +47,12 @@ def test_transformers_backend_is_a_seeded_generate(tiny):
     assert got.texts == tokenizer.batch_decode(want, skip_special_tokens=True)
     assert got.sampler_logprobs is None
     assert len(set(map(tuple, got.completion_ids))) > 1  # sampled, not greedy
+    assert len(set(map(len, want))) > 1  # rows ended at different steps (shrink: finished rows left the batch)
 
 
 def test_static_cache_samples_what_generate_samples(tiny):
     model, tokenizer, prompts = tiny
-    want = TransformersRollouts(model, tokenizer).generate(prompts, SamplingSettings(24), seed=4)
+    want = TransformersRollouts(model, tokenizer, decoding="generate").generate(prompts, SamplingSettings(24), seed=4)
     got = TransformersRollouts(model, tokenizer, decoding="static").generate(prompts, SamplingSettings(24), seed=4)
     assert got.completion_ids == want.completion_ids and got.truncated == want.truncated
 
@@ -57,7 +61,7 @@ def test_shrinking_decode(tiny):
     """Greedy, shared prompt prefill and finished rows leaving the batch change nothing; sampled, rows end at EOS or the budget."""
     model, tokenizer, prompts = tiny
     greedy = SamplingSettings(24, temperature=0)
-    want = TransformersRollouts(model, tokenizer).generate(prompts * 3, greedy, seed=0)
+    want = TransformersRollouts(model, tokenizer, decoding="generate").generate(prompts * 3, greedy, seed=0)
     shrink = TransformersRollouts(model, tokenizer, decoding="shrink")
     # a group's repeated prompt is prefilled once and its cache copied: the same greedy completions
     assert shrink.generate(prompts * 3, greedy, seed=0).completion_ids == want.completion_ids
@@ -197,7 +201,7 @@ def test_is_weights_scale_the_policy_gradient(tiny, log_ratio, factor):
     ids, attn, targets, pos, mask = pack_sequences(samples.prompt_ids, samples.completion_ids, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    adv = torch.tensor([1.0, -0.7, 0.5, -0.2])  # a loss that is not 0 by symmetry (rows of equal length)
 
     def run(sampler_logprobs):
         rollout = train_antisd.Samples(samples.prompt_ids, samples.completion_ids, samples.truncated, samples.texts,

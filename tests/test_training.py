@@ -64,10 +64,11 @@ def test_three_real_steps(tmp_path, method, preset):
     assert moved == any(r["grad_norm"] for r in rows)
 
 
-def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_steps(tmp_path, monkeypatch):
+def test_gradient_checkpointing_and_shared_prompts_give_the_same_steps(tmp_path, monkeypatch):
     """main() trains in training mode, so --gradient_checkpointing really recomputes every layer in
-    backward (each layer's MLP runs twice per grad-enabled pass); the numbers stay the same and the
-    teacher's prefix KV cache still works (it scores in eval mode)."""
+    backward (each layer's MLP runs twice per grad-enabled pass); the numbers stay the same, the
+    teacher's prefix KV cache still works (it scores in eval mode), and so do they when the update
+    reads each prompt once for its group."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
     grad_calls, mlp_forward = [], Qwen3MLP.forward
@@ -78,15 +79,20 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_steps(tmp_p
 
     monkeypatch.setattr(Qwen3MLP, "forward", counting_forward)
     args = FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "2", "--save_steps", "0"]
-    counts = {}
-    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+    counts, shares = {}, train_antisd.shares_prompts
+    # plain: prompts read once per group (scoring.SharedPromptScores); whole: every row read whole, as
+    # checkpointing does (it refuses the prompts' KV cache)
+    for name, extra in (("plain", []), ("whole", []), ("checkpointed", ["--gradient_checkpointing"])):
+        monkeypatch.setattr(train_antisd, "shares_prompts", (lambda *_: False) if name == "whole" else shares)
         grad_calls.clear()
         main(parse_config(args + extra + ["--output_dir", str(tmp_path / name)]))
         counts[name] = sum(grad_calls)
-    assert counts["plain"] > 0 and counts["checkpointed"] == 2 * counts["plain"]
-    plain, checkpointed = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "checkpointed")
-    for key in ("reward/mean", "teacher/entropy_median", "u/mean", "loss", "grad_norm"):
-        assert [r[key] for r in checkpointed] == pytest.approx([r[key] for r in plain], rel=1e-4, abs=1e-6), key
+    assert counts["whole"] > 0 and counts["checkpointed"] == 2 * counts["whole"]
+    assert counts["plain"] != counts["whole"]  # the shared-prompt update did run
+    plain = read_metrics(tmp_path / "plain")
+    for name in ("whole", "checkpointed"):
+        for key in ("reward/mean", "teacher/entropy_median", "u/mean", "loss", "grad_norm"):
+            assert [r[key] for r in read_metrics(tmp_path / name)] == pytest.approx([r[key] for r in plain], rel=1e-4, abs=1e-6), key
 
 
 def test_bf16_runs_and_saves_the_final_model_in_bf16(tmp_path):
