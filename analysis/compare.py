@@ -1,18 +1,28 @@
-"""A GRPO / SD / AntiSD study in one command: train every method over seeds, evaluate the checkpoints on
-the held-out split, and report.
+"""A GRPO / SD / AntiSD study in one command: train every arm over seeds, evaluate the checkpoints on the
+held-out split, and compare each arm with GRPO seed by seed.
 
     python -m analysis.compare --output_dir studies/embedded --methods grpo sd antisd --seeds 0 1 2
     python -m analysis.compare --output_dir studies/quick --quick          # a test-sized study
     python -m analysis.compare --output_dir studies/lr3e-4 --learning_rate 3e-4   # any training flag passes through
+    python -m analysis.compare --output_dir studies/arms --seeds 0 1 2 3 4 --methods grpo antisd \\
+        antisd_release="--method antisd --preset release" antisd_nogate="--method antisd --gate none"
+
+Arms. Each --methods entry is an arm: a plain method name (`grpo`, `sd`, `sd_jsd`, `antisd`) or
+`NAME=FLAGS`, a named arm that trains `--method M` (required in FLAGS) with its own training flags
+(shell-split; quote the entry). An arm's flags come after the flags shared by every run, so they win;
+they are parsed with the study's training config before any work, may not set the study's own flags
+(--seed, --output_dir, ...) nor change what the evaluation shares across runs (--max_steps, --model,
+--init_from, --dataset, --temperature, --top_p, --max_new_tokens, --system_prompt). NAME is letters,
+digits, `_ . -`, not a method's name (that folder belongs to the plain method) and not `init`.
 
 Layout of --output_dir (every step resumes: finished runs and evaluations are never redone):
-- `runs/<method>-seed<seed>/`: one `train_antisd.py` run each, checkpoints every --eval_every steps,
-  all of them kept; its output in `logs/<method>-seed<seed>.log`. A run counts as finished when its
-  final `model.safetensors` exists and `metrics.jsonl` has --max_steps rows; any other run folder is
-  continued with `--resume`. --parallel runs (and evaluations) go at once, the CPU cores split
-  between them.
-- `eval/<method>-seed<seed>/step<k>-T<t>/` and `eval/init-seed<seed>/T<t>/` (the untrained model, shared by
-  the methods of a seed): evaluate.py's own `run` on the held-out split, at the training temperature
+- `runs/<arm>-seed<seed>/`: one `train_antisd.py` run each (a plain method's arm is the method's name, so
+  older studies resume as they were), checkpoints every --eval_every steps, all of them kept; its output in
+  `logs/<arm>-seed<seed>.log`. A run counts as finished when its final `model.safetensors` exists and
+  `metrics.jsonl` has --max_steps rows; any other run folder is continued with `--resume`. --parallel runs
+  (and evaluations) go at once, the CPU cores split between them.
+- `eval/<arm>-seed<seed>/step<k>-T<t>/` and `eval/init-seed<seed>/T<t>/` (the untrained model, shared by
+  the arms of a seed): evaluate.py's own `run` on the held-out split, at the training temperature
   (and top-p) and at 0.6 (top-p 0.95, evaluate.py's defaults), seeded by the run's seed; its
   `results.json` is the cache.
 - `summary.json` (every number of the report, per seed and aggregated), `report.md`, and plots:
@@ -20,11 +30,24 @@ Layout of --output_dir (every step resumes: finished runs and evaluations are ne
   `teacher_gate.png` (teacher entropy, share of seeds with the gate open), `length.png` (response
   length, truncation).
 
-Statistics: peak (best checkpoint, step 0 included) and final held-out avg@n per seed, their mean with
-a 95% Student-t interval over seeds; GRPO's peak = the mean of GRPO's per-seed peaks, and for each
-seed the first evaluated step whose avg@n reaches it ('never' if none); each method minus GRPO with a
-bootstrap 95% interval that resamples the seeds of each method and the held-out problems (one draw
-of problems shared by both methods: they answer the same problems).
+Statistics, at each evaluation temperature, from the runs whose every checkpoint (step 0 included) is
+evaluated at it. Metrics of a run's held-out avg@n, the primary one declared before any numbers:
+- `primary`: the mean over the evaluated checkpoints of the second half of training, steps > max_steps/2
+  (the final step included; e.g. 150 and 200 of a 200-step study evaluated every 50);
+- `final`: at the final step; `peak`: the best checkpoint, step 0 included.
+Per arm: each metric's mean over seeds with a 95% Student-t interval; GRPO's peak = the mean of GRPO's
+per-seed peaks, and for each seed the first evaluated step whose avg@n reaches it ('never' if none).
+Each arm against GRPO, paired by seed (a seed gives both runs the same prompts; only seeds both have):
+the per-seed differences arm - grpo, their mean, a 95% Student-t interval with n-1 degrees of freedom
+(none for n < 2) and a two-sided exact sign-test p (binomial; ties, i.e. zero differences, dropped; see
+sign_test_p). The report calls a difference higher/lower only when its interval excludes 0, else "no
+difference shown".
+
+summary.json: `runs[<arm>-seed<seed>]` (training curves, `eval[T<t>]` curves and metrics),
+`methods[<arm>][T<t>][<metric>]` = {mean, ci95, per_seed}, `metrics` (what each metric is, its steps),
+`differences_by_temperature[T<t>][<arm>][<metric>]` for every temperature, and `differences[<arm>][<metric>]`
+the same at the training temperature, each {per_seed: [{seed, value}], mean, ci95: [lo, hi] or null,
+sign_test_p} (value = arm - grpo).
 Do not run a study on a folder that another process is training in.
 """
 
@@ -35,6 +58,8 @@ import contextlib
 import json
 import math
 import multiprocessing
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -57,6 +82,12 @@ QUICK = {"methods": ["grpo", "antisd"], "seeds": [0, 1], "eval_every": 2, "eval_
 QUICK_TRAINING = ["--max_steps", "4", "--prompts_per_step", "2", "--group_size", "4", "--max_new_tokens", "40",
                   "--gate_warmup_steps", "1", "--micro_batch_size", "4", "--verifier_workers", "1"]
 STUDY_OWNED = ("method", "seed", "output_dir", "save_steps", "save_total_limit", "resume")  # set per run by the study
+# One set of evaluation steps, one initial model (its step-0 evaluation serves every arm of a seed), one held-out
+# split and one decoding for every run: an arm may not change these, or its runs would not be comparable.
+STUDY_SHARED = ("max_steps", "model", "init_from", "dataset", "temperature", "top_p", "max_new_tokens", "system_prompt")
+ARM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+BASELINE = "grpo"  # every arm is compared with it
+METRICS = ("primary", "final", "peak")  # the primary metric first: it was declared before the numbers
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95  # evaluate.py's defaults
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -64,14 +95,53 @@ TRAIN_CURVES = ("reward/mean", "teacher/entropy_median", "gate/open", "length/me
 
 
 @dataclass(frozen=True)
-class Run:
+class Arm:
+    """What a set of runs trains: a method, and for a named arm its own training flags."""
+    name: str
     method: str
+    flags: tuple[str, ...] = ()
+
+
+def study_owned(flags: list[str] | tuple[str, ...]) -> list[str]:
+    """The flags among `flags` that the study sets for each run itself."""
+    return [f for f in flags if f.startswith("--") and f[2:].split("=")[0].replace("-", "_") in STUDY_OWNED]
+
+
+def parse_arm(spec: str) -> Arm:
+    """A --methods entry: a method name, or `NAME=--method M FLAGS...` (the flags shell-split, --method taken out)."""
+    if "=" not in spec:
+        if spec not in train_antisd.METHODS:
+            raise argparse.ArgumentTypeError(f"{spec!r}: a method ({', '.join(train_antisd.METHODS)}) or NAME=FLAGS")
+        return Arm(spec, spec)
+    name, flag_text = spec.split("=", 1)
+    if not ARM_NAME.fullmatch(name) or name in (*train_antisd.METHODS, "init"):
+        raise argparse.ArgumentTypeError(f"arm {name!r}: a name of letters, digits, _ . - that is neither a method's "
+                                         "name nor 'init'")
+    tokens, flags, methods = iter(shlex.split(flag_text)), [], []
+    for token in tokens:
+        if token == "--method":
+            methods.append(next(tokens, None))
+        elif token.startswith("--method="):
+            methods.append(token.split("=", 1)[1])
+        else:
+            flags.append(token)
+    if len(methods) != 1 or methods[0] not in train_antisd.METHODS:
+        raise argparse.ArgumentTypeError(f"arm {name}: its flags need one --method, one of "
+                                         f"{', '.join(train_antisd.METHODS)}")
+    if study_owned(flags):
+        raise argparse.ArgumentTypeError(f"arm {name}: {', '.join(study_owned(flags))} is set by the study for each run")
+    return Arm(name, methods[0], tuple(flags))
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: Arm
     seed: int
     out: Path  # the study's output_dir
 
     @property
     def name(self) -> str:
-        return f"{self.method}-seed{self.seed}"
+        return f"{self.arm.name}-seed{self.seed}"
 
     @property
     def dir(self) -> Path:
@@ -98,11 +168,12 @@ def run_state(run_dir: Path, max_steps: int) -> str:
 
 
 def training_command(run: Run, state: str, eval_every: int, max_steps: int, threads: int, training_flags: list[str]) -> list[str]:
-    """The run's train_antisd.py command: every eval_every steps a checkpoint, all of them kept."""
-    return [sys.executable, str(REPO / "train_antisd.py"), "--method", run.method, "--seed", str(run.seed),
+    """The run's train_antisd.py command: every eval_every steps a checkpoint, all of them kept; the arm's own
+    flags last, so that they win over the flags every run shares."""
+    return [sys.executable, str(REPO / "train_antisd.py"), "--method", run.arm.method, "--seed", str(run.seed),
             "--output_dir", str(run.dir), "--cpu_threads", str(threads), "--save_steps", str(eval_every),
             "--save_total_limit", str(max_steps // eval_every + 1), "--report_to", "none",
-            *(["--resume"] if state == "resume" else []), *training_flags]
+            *(["--resume"] if state == "resume" else []), *training_flags, *run.arm.flags]
 
 
 def train(run: Run, command: list[str]) -> None:
@@ -153,7 +224,8 @@ def eval_flags(opts, cfg, seed: int, temperature: float) -> list[str]:
 # Statistics
 # =====================================================================================
 def t_interval(values: list[float]) -> list[float] | None:
-    """95% Student-t interval of the mean (None for fewer than 2 values; the normal 1.96 beyond 30 degrees of freedom)."""
+    """95% Student-t interval of the mean, n-1 degrees of freedom (None for fewer than 2 values; the normal 1.96
+    beyond 30 degrees of freedom)."""
     if len(values) < 2:
         return None
     mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
@@ -161,75 +233,89 @@ def t_interval(values: list[float]) -> list[float] | None:
     return [mean - half, mean + half]
 
 
-def bootstrap_difference(per_seed_a: list[np.ndarray], per_seed_b: list[np.ndarray], statistic, draws: int,
-                         rng: np.random.Generator) -> list[float]:
-    """95% percentile interval of mean_seeds stat(a) - mean_seeds stat(b); each array is [steps, problems] of
-    per-problem accuracy. Resampled: the seeds of each side (with replacement) and the problems (one draw
-    for both sides)."""
-    problems = per_seed_a[0].shape[1]
-    diffs = np.empty(draws)
-    for d in range(draws):
-        cols = rng.integers(0, problems, problems)
-        side = [np.mean([statistic(m[:, cols].mean(1)) for m in (arrays[i] for i in rng.integers(0, len(arrays), len(arrays)))])
-                for arrays in (per_seed_a, per_seed_b)]
-        diffs[d] = side[0] - side[1]
-    return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
+def sign_test_p(differences: list[float]) -> float:
+    """Two-sided exact sign test of 'no difference': p = min(1, 2 P[Binomial(n, 1/2) <= min(#positive, #negative)])
+    over the n non-zero differences. Ties (differences of 0, within 1e-12: equal means may round apart) are
+    dropped; 1.0 when none is left. Its smallest value is 2^(1-n): 0.25 with 3 seeds, 0.0625 with 5."""
+    positive = [d > 0 for d in differences if abs(d) > 1e-12]
+    n, fewer = len(positive), min(sum(positive), len(positive) - sum(positive))
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(fewer + 1)) / 2 ** n)
 
 
-def summarize_study(out: Path, runs: list[Run], steps: list[int], temperatures: list[float], bootstrap: int) -> dict:
-    """Everything the report says, from the runs' own files (metrics.jsonl, each evaluation's results.json)."""
-    summary = {"runs": {}, "methods": {}, "grpo_peak": {}, "differences": {}}
-    accuracy = {}  # (run name, T) -> [steps, problems] of per-problem accuracy, for the bootstrap
+def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict:
+    """value - baseline seed by seed over the seeds both have (seed -> metric), their mean, 95% t-interval (n-1 df)
+    and sign-test p."""
+    per_seed = [{"seed": seed, "value": v - baseline[seed]} for seed, v in values.items() if seed in baseline]
+    diffs = [d["value"] for d in per_seed]
+    return {"per_seed": per_seed, "mean": float(np.mean(diffs)) if diffs else None, "ci95": t_interval(diffs),
+            "sign_test_p": sign_test_p(diffs) if diffs else None}
+
+
+def second_half_steps(steps: list[int], max_steps: int) -> list[int]:
+    """The primary metric's checkpoints: the evaluated steps after the first half of training (the final one included)."""
+    return [s for s in steps if 2 * s > max_steps]
+
+
+def eval_curve(out: Path, run: Run, steps: list[int], temperature: float) -> dict:
+    """A run's held-out curve at one temperature; with the metrics when every checkpoint (step 0 too) is evaluated,
+    so that the runs of a comparison are measured at the same steps."""
+    curve = {"step": [], "avg": [], "pass_at_k": [], "results": []}
+    for step in [0, *steps]:
+        path = eval_dir(out, run, run.seed, step, temperature) / "results.json"
+        if path.exists():
+            results = json.loads(path.read_text())
+            curve["step"].append(step)
+            curve["avg"].append(results["avg"])
+            curve["pass_at_k"].append(results["pass_at_k"])
+            curve["results"].append(str(path))
+    if curve["step"] == [0, *steps]:
+        best, late = int(np.argmax(curve["avg"])), second_half_steps(steps, steps[-1])
+        curve.update(primary=float(np.mean([a for s, a in zip(curve["step"], curve["avg"]) if s in late])),
+                     peak=curve["avg"][best], peak_step=curve["step"][best], final=curve["avg"][-1], final_step=steps[-1])
+    return curve
+
+
+def summarize_study(out: Path, runs: list[Run], steps: list[int], temperatures: list[float]) -> dict:
+    """Everything the report says, from the runs' own files (metrics.jsonl, each evaluation's results.json).
+    `steps` are the evaluated checkpoints, the last one the final step; `temperatures[0]` is the training one."""
+    late = second_half_steps(steps, steps[-1])
+    summary = {"runs": {}, "methods": {}, "grpo_peak": {}, "metrics": {
+        "primary": {"steps": late, "definition": f"mean held-out avg@n over the evaluated checkpoints of steps > "
+                                                 f"{steps[-1]}/2 (steps {', '.join(map(str, late))})"},
+        "final": {"steps": steps[-1:], "definition": f"held-out avg@n at the final step {steps[-1]}"},
+        "peak": {"steps": [0, *steps], "definition": "best held-out avg@n over the evaluated checkpoints, step 0 included"}},
+        "differences_by_temperature": {}}
     for run in runs:
         rows = metrics_rows(run.dir)
-        entry = {"method": run.method, "seed": run.seed, "dir": str(run.dir),
-                 "train": {k: [r.get(k) for r in rows] for k in ("step", *TRAIN_CURVES)}, "eval": {}}
-        for t in temperatures:
-            key, curve = temperature_key(t), {"step": [], "avg": [], "pass_at_k": [], "results": []}
-            for step in [0, *steps]:
-                path = eval_dir(out, run, run.seed, step, t) / "results.json"
-                if path.exists():
-                    results = json.loads(path.read_text())
-                    curve["step"].append(step)
-                    curve["avg"].append(results["avg"])
-                    curve["pass_at_k"].append(results["pass_at_k"])
-                    curve["results"].append(str(path))
-                    problems = sorted(results["problems"], key=lambda p: p["id"])
-                    accuracy.setdefault((run.name, key), []).append([p["correct"] / p["n"] for p in problems])
-            if curve["avg"]:
-                best = int(np.argmax(curve["avg"]))
-                curve.update(peak=curve["avg"][best], peak_step=curve["step"][best], final=curve["avg"][-1],
-                             final_step=curve["step"][-1])
-            entry["eval"][key] = curve
-        summary["runs"][run.name] = entry
-    methods = list(dict.fromkeys(r.method for r in runs))
-    rng = np.random.default_rng(0)
+        summary["runs"][run.name] = {"arm": run.arm.name, "method": run.arm.method, "arm_flags": list(run.arm.flags),
+                                     "seed": run.seed, "dir": str(run.dir),
+                                     "train": {k: [r.get(k) for r in rows] for k in ("step", *TRAIN_CURVES)},
+                                     "eval": {temperature_key(t): eval_curve(out, run, steps, t) for t in temperatures}}
+    arms = list(dict.fromkeys(r.arm.name for r in runs))
     for t in temperatures:
         key = temperature_key(t)
-        complete = {m: [r for r in runs if r.method == m and "final" in summary["runs"][r.name]["eval"][key]] for m in methods}
-        grpo_peaks = [summary["runs"][r.name]["eval"][key]["peak"] for r in complete.get("grpo", [])]
+        curves = {arm: {r.seed: summary["runs"][r.name]["eval"][key] for r in runs if r.arm.name == arm} for arm in arms}
+        curves = {arm: {seed: c for seed, c in by_seed.items() if "final" in c} for arm, by_seed in curves.items()}
+        grpo_peaks = [c["peak"] for c in curves.get(BASELINE, {}).values()]
         target = float(np.mean(grpo_peaks)) if grpo_peaks else None
         summary["grpo_peak"][key] = target
-        for m in methods:
-            curves = [summary["runs"][r.name]["eval"][key] for r in complete[m]]
+        differences = summary["differences_by_temperature"][key] = {}
+        for arm, by_seed in curves.items():
             reach = [next((s for s, a in zip(c["step"], c["avg"]) if a >= target), "never") if target is not None else None
-                     for c in curves]
-            for c, s in zip(curves, reach):
+                     for c in by_seed.values()]
+            for c, s in zip(by_seed.values(), reach):
                 c["steps_to_grpo_peak"] = s
-            stats = {"seeds": [r.seed for r in complete[m]], "steps_to_grpo_peak": reach}
-            for stat in ("peak", "final"):
-                values = [c[stat] for c in curves]
-                stats[stat] = {"mean": float(np.mean(values)) if values else None, "ci95": t_interval(values), "per_seed": values}
-            summary["methods"].setdefault(m, {})[key] = stats
-            if m != "grpo" and complete.get("grpo") and complete[m]:
-                a = [np.array(accuracy[(r.name, key)]) for r in complete[m]]
-                b = [np.array(accuracy[(r.name, key)]) for r in complete["grpo"]]
-                if len({x.shape for x in a + b}) != 1:
-                    continue  # unequal evaluations (a run still missing checkpoints): no paired bootstrap
-                summary["differences"].setdefault(f"{m} - grpo", {})[key] = {
-                    stat: {"mean": stats[stat]["mean"] - summary["methods"]["grpo"][key][stat]["mean"],
-                           "ci95": bootstrap_difference(a, b, fn, bootstrap, rng)}
-                    for stat, fn in (("final", lambda c: c[-1]), ("peak", np.max))}
+            stats = {"seeds": list(by_seed), "steps_to_grpo_peak": reach}
+            for metric in METRICS:
+                values = [c[metric] for c in by_seed.values()]
+                stats[metric] = {"mean": float(np.mean(values)) if values else None, "ci95": t_interval(values),
+                                 "per_seed": values}
+            summary["methods"].setdefault(arm, {})[key] = stats
+            if arm != BASELINE and BASELINE in curves:
+                differences[arm] = {metric: paired_difference({s: c[metric] for s, c in by_seed.items()},
+                                                              {s: c[metric] for s, c in curves[BASELINE].items()})
+                                    for metric in METRICS}
+    summary["differences"] = summary["differences_by_temperature"][temperature_key(temperatures[0])]
     return summary
 
 
@@ -260,19 +346,19 @@ def plot_study(summary: dict, out: Path, window: int) -> list[str]:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    by_method = {}
+    by_arm = {}
     for entry in summary["runs"].values():
-        by_method.setdefault(entry["method"], []).append(entry)
+        by_arm.setdefault(entry["arm"], []).append(entry)
     files = []
 
     def train_figure(name: str, panels: list[tuple[str, str, bool]]) -> None:
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), sharex=True, squeeze=False)
         for ax, (key, ylabel, log) in zip(axes[:, 0], panels):
-            for method, entries in by_method.items():
+            for arm, entries in by_arm.items():
                 curves = [smooth(e["train"][key], window) for e in entries if e["train"]["step"]]
                 if curves and any(np.isfinite(c).any() for c in curves):
                     longest = max(entries, key=lambda e: len(e["train"]["step"]))["train"]["step"]
-                    band(ax, np.array(longest), curves, method)
+                    band(ax, np.array(longest), curves, arm)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if log:
@@ -293,11 +379,11 @@ def plot_study(summary: dict, out: Path, window: int) -> list[str]:
     keys = list(summary["grpo_peak"])
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for method, entries in by_method.items():
+        for arm, entries in by_arm.items():
             curves = [e["eval"][key] for e in entries if e["eval"][key]["avg"]]
             if curves:
                 longest = max(curves, key=lambda c: len(c["step"]))["step"]
-                band(ax, np.array(longest), [np.array(c["avg"]) for c in curves], method)
+                band(ax, np.array(longest), [np.array(c["avg"]) for c in curves], arm)
         if summary["grpo_peak"][key] is not None:
             ax.axhline(summary["grpo_peak"][key], color="grey", linestyle=":", label="GRPO peak (mean over seeds)")
         ax.set_title(f"held-out avg@n at {key}")
@@ -317,33 +403,64 @@ def fmt_ci(stat: dict) -> str:
     return f"{stat['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def reading(difference: dict) -> str:
+    """What a paired difference shows: a direction only when its 95% interval excludes 0."""
+    if difference["mean"] is None:
+        return "no paired seeds"
+    if difference["ci95"] is None:
+        return "no difference shown (one paired seed: no interval)"
+    lo, hi = difference["ci95"]
+    return "higher" if lo > 0 else "lower" if hi < 0 else "no difference shown"
+
+
 def report_markdown(summary: dict, settings: dict, pngs: list[str]) -> str:
-    s = settings
+    s, metrics = settings, summary["metrics"]
+    named = [f"`{name}` = `--method {arm['method']} {shlex.join(arm['flags'])}`"
+             for name, arm in s["arms"].items() if arm["flags"]]
     lines = ["# Study: " + ", ".join(s["methods"]), "",
              f"`{s['command']}`", "",
              f"{len(s['seeds'])} seeds ({', '.join(map(str, s['seeds']))}), {s['max_steps']} steps, checkpoints evaluated every "
              f"{s['eval_every']} steps on `{s['eval_bench']}` ({s['eval_problems']} held-out problems, avg@{s['eval_n']}, "
-             f"{s['eval_max_new_tokens']} new tokens). Training flags: `{' '.join(s['training_flags']) or '(defaults)'}`.", ""]
-    for key, target in summary["grpo_peak"].items():
-        lines += [f"## Held-out avg@{s['eval_n']} at {key}", "",
+             f"{s['eval_max_new_tokens']} new tokens). Training flags of every run: "
+             f"`{' '.join(s['training_flags']) or '(defaults)'}`."
+             + (f" Arms with their own flags: {'; '.join(named)}." if named else ""),
+             "", "## Metrics, declared before the numbers", "",
+             f"Of each run's held-out avg@{s['eval_n']}, at each evaluation temperature; a run counts where every checkpoint "
+             "(step 0 included) is evaluated.", "",
+             f"1. **primary**: the {metrics['primary']['definition']}.",
+             f"2. final (secondary): {metrics['final']['definition']}.",
+             f"3. peak (secondary): {metrics['peak']['definition']}.", "",
+             f"Each arm is compared with {BASELINE} seed by seed (a seed gives both runs the same prompts; only seeds both "
+             "have are paired): the per-seed differences arm - grpo, their mean with a paired t 95% interval (Student t, "
+             "n-1 degrees of freedom, n paired seeds) and a two-sided exact sign test (binomial; zero differences dropped; "
+             "its p cannot go below 2^(1-n), 0.25 for 3 seeds). A difference reads higher or lower only when its interval "
+             "excludes 0, else \"no difference shown\".", ""]
+    for i, (key, target) in enumerate(summary["grpo_peak"].items()):
+        lines += [f"## Held-out avg@{s['eval_n']} at {key}" + (" (the training temperature)" if i == 0 else ""), "",
                   f"Mean +- 95% t-interval over seeds. GRPO's peak (mean of its per-seed peaks): "
                   f"{'-' if target is None else f'{target:.3f}'}.", "",
-                  "| method | seeds | peak | final | step reaching GRPO's peak (per seed) |", "|---|---|---|---|---|"]
-        for method, per_t in summary["methods"].items():
+                  "| arm | seeds | primary | final | peak | step reaching GRPO's peak (per seed) |", "|---|---|---|---|---|---|"]
+        for arm, per_t in summary["methods"].items():
             m = per_t[key]
             reach = ", ".join(str(x) for x in m["steps_to_grpo_peak"])
-            lines.append(f"| {method} | {len(m['seeds'])} | {fmt_ci(m['peak'])} | {fmt_ci(m['final'])} | {reach} |")
-        diffs = [(name, d[key]) for name, d in summary["differences"].items() if key in d]
-        if diffs:
-            lines += ["", "| difference | final | peak |", "|---|---|---|"]
-            lines += [f"| {name} | {fmt_ci(d['final'])} | {fmt_ci(d['peak'])} |" for name, d in diffs]
-            lines += ["", f"Difference intervals: percentile bootstrap ({s['bootstrap']} draws) resampling each method's "
-                      "seeds with replacement and the held-out problems (one draw shared by both methods)."]
+            cells = [fmt_ci(m[metric]) for metric in METRICS]
+            lines.append(f"| {arm} | {len(m['seeds'])} | " + " | ".join(cells) + f" | {reach} |")
+        differences = summary["differences_by_temperature"][key]
+        if differences:
+            lines += ["", f"Paired with {BASELINE}, seed by seed:", "",
+                      "| difference | metric | paired seeds | per seed (seed: value) | mean [95% t-interval] | sign-test p | reading |",
+                      "|---|---|---|---|---|---|---|"]
+            for arm, by_metric in differences.items():
+                for metric, d in by_metric.items():
+                    per_seed = ", ".join(f"{x['seed']}: {x['value']:+.3f}" for x in d["per_seed"])
+                    p = "-" if d["sign_test_p"] is None else f"{d['sign_test_p']:.3g}"
+                    lines.append(f"| {arm} - {BASELINE} | {'**primary**' if metric == 'primary' else metric} | "
+                                 f"{len(d['per_seed'])} | {per_seed or '-'} | {fmt_ci(d)} | {p} | {reading(d)} |")
         lines.append("")
+    keys = list(summary["grpo_peak"])
     lines += ["## Per run", "", "| run | reward first 10 -> last 10 steps | gate open (share of steps) | "
               "teacher entropy (median of steps) | truncated (mean) | " + " | ".join(
-                  f"{k} peak (step) / final" for k in summary["grpo_peak"]) + " |",
-              "|---|---|---|---|---|" + "---|" * len(summary["grpo_peak"])]
+                  f"{k} primary / peak (step) / final" for k in keys) + " |", "|---|---|---|---|---|" + "---|" * len(keys)]
     for name, e in summary["runs"].items():
         t = e["train"]
         reward = [v for v in t["reward/mean"] if v is not None]
@@ -353,7 +470,8 @@ def report_markdown(summary: dict, settings: dict, pngs: list[str]) -> str:
         cells = [f"{np.mean(reward[:10]):.3f} -> {np.mean(reward[-10:]):.3f}" if reward else "-",
                  f"{np.mean(gate):.2f}" if gate else "-", f"{np.median(entropy):.4f}" if entropy else "-",
                  f"{np.mean(trunc):.3f}" if trunc else "-"]
-        cells += [f"{c['peak']:.3f} ({c['peak_step']}) / {c['final']:.3f}" if "final" in c else "-" for c in e["eval"].values()]
+        cells += [f"{c['primary']:.3f} / {c['peak']:.3f} ({c['peak_step']}) / {c['final']:.3f}" if "final" in c
+                  else f"incomplete ({len(c['step'])} evaluations)" for c in e["eval"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", *[f"![{p}]({p})" for p in pngs], ""]
     return "\n".join(lines)
@@ -363,12 +481,16 @@ def report_markdown(summary: dict, settings: dict, pngs: list[str]) -> str:
 # The study
 # =====================================================================================
 def parse_args(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    # allow_abbrev=False: a training flag is never read as the prefix of a study flag (--seed as --seeds)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                      epilog="Every other flag is a training flag (python train_antisd.py --help), passed to "
                                             "every run; the study sets " + ", ".join(f"--{k}" for k in STUDY_OWNED) + " itself.")
     parser.add_argument("--output_dir", "--output-dir", required=True, help="The study folder (runs/, logs/, eval/, report).")
-    parser.add_argument("--methods", nargs="+", choices=train_antisd.METHODS, default=None,
-                        help="Methods to train (default: grpo sd sd_jsd antisd; --quick: grpo antisd).")
+    parser.add_argument("--methods", nargs="+", type=parse_arm, default=None, metavar="ARM",
+                        help="Arms to train, each compared with grpo: a method (grpo sd sd_jsd antisd) or NAME=FLAGS, a named "
+                             "arm with its own training flags, --method among them, e.g. "
+                             "antisd_release=\"--method antisd --preset release\" (runs/NAME-seed<seed>). "
+                             "Default: grpo sd sd_jsd antisd; --quick: grpo antisd.")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Training seeds (default: 0 1 2; --quick: 0 1).")
     parser.add_argument("--parallel", type=int, default=2, help="Runs and evaluations at once; the physical cores are split between them.")
     parser.add_argument("--eval_every", "--eval-every", type=int, default=None,
@@ -382,7 +504,6 @@ def parse_args(argv: list[str] | None = None):
                         help="evaluate.py --bench of the held-out split (default: the embedded task's own for --dataset "
                              "arith / arith_checks; needed otherwise).")
     parser.add_argument("--eval_data_file", "--eval-data-file", default=None, help="evaluate.py --data_file for --eval_bench.")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap draws of each difference's interval.")
     parser.add_argument("--smooth", type=int, default=10, help="Trailing-mean window of the training curves, in steps.")
     parser.add_argument("--quick", action="store_true",
                         help="A test-sized study: 2 methods x 2 seeds x 4 steps of 2 prompts x 4 rollouts, 8 held-out problems "
@@ -391,12 +512,25 @@ def parse_args(argv: list[str] | None = None):
     for name, value in (QUICK if opts.quick else {"methods": list(train_antisd.METHODS), "seeds": [0, 1, 2], "eval_every": 50,
                                                    "eval_n": 2}).items():
         if getattr(opts, name) is None:
-            setattr(opts, name, value)
-    owned = [f for f in training_flags if f.startswith("--") and f[2:].split("=")[0].replace("-", "_") in STUDY_OWNED]
-    if owned:
-        parser.error(f"{', '.join(owned)}: set by the study for each run (use --methods, --seeds, --eval_every)")
+            setattr(opts, name, [parse_arm(m) for m in value] if name == "methods" else value)
+    if study_owned(training_flags):
+        parser.error(f"{', '.join(study_owned(training_flags))}: set by the study for each run (use --methods, --seeds, "
+                     "--eval_every)")
+    names = [arm.name for arm in opts.methods]
+    if len(set(names)) < len(names):
+        parser.error(f"--methods: an arm is named twice in {' '.join(names)}")
     training_flags = (QUICK_TRAINING if opts.quick else []) + training_flags
     cfg = train_antisd.parse_config(training_flags)  # the runs' config: bad training flags fail here, before any work
+    for arm in opts.methods:  # and each arm's, as its runs will read it
+        try:
+            arm_cfg = train_antisd.parse_config([*training_flags, "--method", arm.method, *arm.flags])
+            arm_cfg.validate(num_processes=1)  # a study's run is one process
+        except SystemExit as err:
+            parser.error(f"arm {arm.name} (--method {arm.method} {shlex.join(arm.flags)}): "
+                         f"{err.code if isinstance(err.code, str) else 'its training flags do not parse (above)'}")
+        changed = [f"--{f}" for f in STUDY_SHARED if getattr(arm_cfg, f) != getattr(cfg, f)]
+        if changed:
+            parser.error(f"arm {arm.name}: {', '.join(changed)} must be the same for every run of a study")
     if opts.eval_bench is None:
         if cfg.dataset not in EMBEDDED_TASKS:
             parser.error(f"--eval_bench: which held-out benchmark goes with --dataset {cfg.dataset}?")
@@ -415,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (psutil.cpu_count(logical=False) or 1) // opts.parallel)
     steps = sorted({*range(opts.eval_every, cfg.max_steps + 1, opts.eval_every), cfg.max_steps})
     temperatures = list(dict.fromkeys([cfg.temperature, EVAL_TEMPERATURE]))
-    runs = [Run(m, s, out) for s in opts.seeds for m in opts.methods]  # seed by seed: early seeds finish first
+    runs = [Run(arm, s, out) for s in opts.seeds for arm in opts.methods]  # seed by seed: early seeds finish first
     init_model = cfg.init_from or cfg.model
     if init_model in EMBEDDED_MODELS:  # built here once, not by --parallel jobs at the same time
         ensure_embedded_model(init_model)
@@ -459,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                     running[slots.submit(lambda a=args: workers.submit(evaluate_model, *a).result())] = label
                 else:
                     run, command = trainings.pop(0)
-                    log(f"{run.name}: {'resuming' if '--resume' in command else 'training'}: {' '.join(command[1:])}")
+                    log(f"{run.name}: {'resuming' if '--resume' in command else 'training'}: {shlex.join(command[1:])}")
                     running[slots.submit(train, run, command)] = run
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
@@ -476,13 +610,15 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     log(f"done: {job}")
 
-    summary = summarize_study(out, runs, steps, temperatures, opts.bootstrap)
-    settings = {"command": "python -m analysis.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "methods": opts.methods, "seeds": opts.seeds, "max_steps": cfg.max_steps, "eval_every": opts.eval_every,
+    summary = summarize_study(out, runs, steps, temperatures)
+    settings = {"command": "python -m analysis.compare " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                "methods": [arm.name for arm in opts.methods],
+                "arms": {arm.name: {"method": arm.method, "flags": list(arm.flags)} for arm in opts.methods},
+                "seeds": opts.seeds, "max_steps": cfg.max_steps, "eval_every": opts.eval_every,
                 "eval_steps": steps, "eval_bench": opts.eval_bench, "eval_n": opts.eval_n,
                 "eval_problems": opts.eval_limit or "all", "eval_max_new_tokens": opts.eval_max_new_tokens or cfg.max_new_tokens,
                 "eval_temperatures": temperatures, "training_flags": training_flags, "parallel": opts.parallel,
-                "threads_per_job": threads, "bootstrap": opts.bootstrap, "smooth": opts.smooth, "failures": failures}
+                "threads_per_job": threads, "smooth": opts.smooth, "failures": failures}
     pngs = plot_study(summary, out, opts.smooth)
     (out / "summary.json").write_text(json.dumps({"settings": settings, **summary}, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(summary, settings, pngs))

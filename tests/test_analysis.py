@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.compare import Run, bootstrap_difference, run_state, t_interval, training_command
+from analysis.compare import (Run, eval_dir, paired_difference, parse_args, parse_arm, report_markdown, run_state,
+                              second_half_steps, sign_test_p, summarize_study, t_interval, training_command)
 from analysis.pmi import token_classes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def jsonl(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- analysis.compare
 def test_run_state_and_the_study_command(tmp_path):
     """The layout and command the study's runs use; finished runs are adopted, others resumed."""
-    run = Run("antisd", 1, tmp_path)
+    run = Run(parse_arm("antisd"), 1, tmp_path)
     assert run_state(run.dir, 4) == "new"
     run.dir.mkdir(parents=True)
     (run.dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 5)))
@@ -50,12 +51,111 @@ def test_intervals():
     assert t_interval([1.0]) is None
     lo, hi = t_interval([0.2, 0.4, 0.6])
     assert math.isclose(hi - 0.4, 4.303 * 0.2 / math.sqrt(3), rel_tol=1e-9) and math.isclose(0.4 - lo, hi - 0.4)
-    rng = np.random.default_rng(0)
-    a = [rng.integers(0, 2, (3, 50)).astype(float) for _ in range(3)]
-    same = bootstrap_difference(a, a, np.max, 200, np.random.default_rng(1))
-    assert same[0] < 0 < same[1] or same == [0.0, 0.0]
-    lo, hi = bootstrap_difference([x + 0.5 for x in a], a, lambda c: c[-1], 200, np.random.default_rng(1))
-    assert 0.3 < lo <= 0.5 <= hi < 0.7
+
+
+def test_paired_statistics_by_hand():
+    grpo = dict(enumerate([0.30, 0.25, 0.28, 0.33, 0.27]))
+    method = dict(enumerate([0.35, 0.24, 0.33, 0.40, 0.30]))
+    d = paired_difference(method, grpo)
+    # differences +0.05 -0.01 +0.05 +0.07 +0.03, mean 0.19 / 5 = 0.038
+    assert [x["seed"] for x in d["per_seed"]] == [0, 1, 2, 3, 4]
+    assert [x["value"] for x in d["per_seed"]] == pytest.approx([0.05, -0.01, 0.05, 0.07, 0.03])
+    assert d["mean"] == pytest.approx(0.038)
+    # deviations .012 -.048 .012 .032 -.008, squares sum 0.00368, sd = sqrt(0.00368 / 4) = 0.0303315,
+    # half-width = t(0.975, 4 df) 2.776 * 0.0303315 / sqrt(5) = 0.0376555: [0.0003445, 0.0756555] (scipy's ttest_rel agrees)
+    assert d["ci95"] == pytest.approx([0.0003445, 0.0756555], abs=1e-6)
+    # 4 of 5 positive: p = 2 (C(5,0) + C(5,1)) / 2^5 = 12 / 32
+    assert d["sign_test_p"] == pytest.approx(0.375)
+    # ties dropped: +, +, +, 0 -> n = 3, p = 2 / 8; all tied or none -> 1
+    assert sign_test_p([0.1, 0.2, 0.3, 0.0]) == pytest.approx(0.25)
+    assert sign_test_p([0.0, 0.0]) == 1.0 and sign_test_p([]) == 1.0
+    assert sign_test_p([-0.1] * 5) == pytest.approx(2 / 32)
+    # only the seeds both have are paired; one pair: no interval
+    one = paired_difference({0: 0.5, 7: 0.9}, {0: 0.25, 1: 0.1})
+    assert one == {"per_seed": [{"seed": 0, "value": 0.25}], "mean": 0.25, "ci95": None, "sign_test_p": 1.0}
+    assert paired_difference({0: 0.5}, {1: 0.5})["mean"] is None
+
+
+def test_primary_metric_steps():
+    assert second_half_steps([50, 100, 150, 200], 200) == [150, 200]  # step 100 is the first half's last
+    assert second_half_steps([25, 50, 75, 100, 125, 150, 175, 200], 200) == [125, 150, 175, 200]
+    assert second_half_steps([2, 4, 5], 5) == [4, 5] and second_half_steps([2, 4], 4) == [4]
+
+
+def test_summary_pairs_arms_with_grpo_seed_by_seed(tmp_path):
+    """summarize_study on written evaluations: per-arm metrics, the paired differences and how the report reads them."""
+    grpo, antisd, release = parse_arm("grpo"), parse_arm("antisd"), parse_arm("rel=--method antisd --preset release")
+    steps, temperatures = [1, 2, 3, 4], [1.0, 0.6]
+    # avg@n at steps 0..4 by (arm, seed); the T0.6 curves are the T1 ones minus 0.1
+    curves = {("grpo", 0): [0.1, 0.2, 0.3, 0.2, 0.4], ("grpo", 1): [0.1, 0.3, 0.2, 0.2, 0.3], ("grpo", 2): [0.2] * 5,
+              ("antisd", 0): [0.1, 0.2, 0.5, 0.4, 0.4], ("antisd", 1): [0.1, 0.2, 0.3, 0.4, 0.4],
+              ("antisd", 2): [0.2, 0.3, 0.3, 0.3, 0.5],
+              ("rel", 0): [0.1, 0.5, 0.5, 0.1, 0.3], ("rel", 1): [0.1, 0.3, 0.2, 0.4, 0.3]}  # seed 2 not evaluated
+    runs = [Run(arm, seed, tmp_path) for seed in (0, 1, 2) for arm in (grpo, antisd, release)]
+    for run in runs:
+        for t in temperatures:
+            for step, avg in zip([0, *steps], curves.get((run.arm.name, run.seed), [])):
+                folder = eval_dir(tmp_path, run, run.seed, step, t)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "results.json").write_text(json.dumps({"avg": avg - (t != 1.0) * 0.1, "pass_at_k": {}}))
+    summary = summarize_study(tmp_path, runs, steps, temperatures)
+    assert summary["metrics"]["primary"]["steps"] == [3, 4]
+    c = summary["runs"]["antisd-seed0"]["eval"]["T1"]
+    assert (c["primary"], c["final"], c["peak"], c["peak_step"]) == (pytest.approx(0.4), 0.4, 0.5, 2)
+    assert "primary" not in summary["runs"]["rel-seed2"]["eval"]["T1"]  # incomplete runs are left out
+    assert summary["methods"]["rel"]["T1"]["seeds"] == [0, 1]
+    assert summary["differences"] is summary["differences_by_temperature"]["T1"]
+    assert set(summary["differences"]) == {"antisd", "rel"} and set(summary["differences"]["antisd"]) == {"primary", "final", "peak"}
+    # primary, antisd - grpo: seeds 0, 1, 2: (0.4 - 0.3), (0.4 - 0.25), (0.4 - 0.2) = 0.1, 0.15, 0.2; mean 0.15, sd 0.05,
+    # half-width 4.303 * 0.05 / sqrt(3) = 0.124216; all positive: sign-test p = 2 / 8
+    primary = summary["differences"]["antisd"]["primary"]
+    assert [x["value"] for x in primary["per_seed"]] == pytest.approx([0.1, 0.15, 0.2])
+    assert primary["ci95"] == pytest.approx([0.15 - 0.124216, 0.15 + 0.124216], abs=1e-6)
+    assert primary["sign_test_p"] == pytest.approx(0.25)
+    # the same differences at T0.6: both sides moved by 0.1
+    assert summary["differences_by_temperature"]["T0.6"]["antisd"]["primary"]["mean"] == pytest.approx(0.15)
+    # rel - grpo primary: seeds 0, 1 only: (0.2 - 0.3), (0.35 - 0.25) = -0.1, +0.1: interval covers 0
+    rel = summary["differences"]["rel"]["primary"]
+    assert [x["seed"] for x in rel["per_seed"]] == [0, 1] and rel["mean"] == pytest.approx(0.0, abs=1e-12)
+    settings = {"methods": ["grpo", "antisd", "rel"], "arms": {"grpo": {"method": "grpo", "flags": []},
+                "antisd": {"method": "antisd", "flags": []}, "rel": {"method": "antisd", "flags": ["--preset", "release"]}},
+                "command": "x", "seeds": [0, 1, 2], "max_steps": 4, "eval_every": 1, "eval_bench": "arith", "eval_problems": 8,
+                "eval_n": 1, "eval_max_new_tokens": 40, "training_flags": []}
+    report = report_markdown(summary, settings, [])
+    assert report.index("**primary**") < report.index("final (secondary)") and "declared before the numbers" in report
+    assert "`rel` = `--method antisd --preset release`" in report and "n-1 degrees of freedom" in report
+    assert "| antisd - grpo | **primary** | 3 | 0: +0.100, 1: +0.150, 2: +0.200 |" in report
+    rows = {line.split(" | ")[0] + line.split(" | ")[1]: line for line in report.splitlines() if " - grpo | " in line}
+    assert rows["| antisd - grpo**primary**"].endswith("| 0.25 | higher |")
+    assert rows["| rel - grpo**primary**"].endswith("| no difference shown |")
+
+
+def test_arms_parse_and_their_flags_reach_the_runs(tmp_path):
+    import train_antisd
+
+    opts, flags, cfg = parse_args(["--output_dir", str(tmp_path), "--seeds", "0", "--methods", "grpo", "antisd",
+                                   "antisd_release=--method antisd --preset release",
+                                   "nogate=--method=antisd --gate none --lambda_max 0.25", "--learning_rate", "1e-4"])
+    assert [(a.name, a.method, a.flags) for a in opts.methods] == [
+        ("grpo", "grpo", ()), ("antisd", "antisd", ()), ("antisd_release", "antisd", ("--preset", "release")),
+        ("nogate", "antisd", ("--gate", "none", "--lambda_max", "0.25"))]
+    run = Run(opts.methods[3], 0, tmp_path)
+    command = training_command(run, "new", eval_every=50, max_steps=300, threads=1, training_flags=flags)
+    assert run.dir == tmp_path / "runs" / "nogate-seed0" and command[2:4] == ["--method", "antisd"]
+    assert command[-6:] == ["--learning_rate", "1e-4", "--gate", "none", "--lambda_max", "0.25"]
+    run_cfg = train_antisd.parse_config(command[2:])  # what the run will read
+    assert (run_cfg.method, run_cfg.gate, run_cfg.lambda_max, run_cfg.learning_rate) == ("antisd", "none", 0.25, 1e-4)
+    release_cfg = train_antisd.parse_config(training_command(Run(opts.methods[2], 0, tmp_path), "new", 50, 300, 1, flags)[2:])
+    assert (release_cfg.preset, release_cfg.gate, release_cfg.gate_reopen_ratio) == ("release", "release", 1.07)
+    # refused before any work: no --method, a study flag, a shared setting, a bad value, a method's name, a name twice
+    for bad in (["x=--preset release"], ["x=--method antisd --seed 3"], ["x=--method antisd --max_steps 7"],
+                ["x=--method antisd --gate sometimes"], ["x=--method antisd --no_such_flag 1"], ["antisd=--method antisd"],
+                ["a b=--method antisd"], ["x=--method antisd", "x=--method sd"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--output_dir", str(tmp_path), "--methods", "grpo", *bad])
+    with pytest.raises(SystemExit):  # a training --seed is not read as --seeds
+        parse_args(["--output_dir", str(tmp_path), "--seed", "3"])
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +203,16 @@ def test_quick_study_reports_the_runs_own_numbers(quick_study):
             for c, reached in zip(curves, stats["steps_to_grpo_peak"]):
                 first = next((s for s, a in zip(c["step"], c["avg"]) if a >= summary["grpo_peak"][key]), "never")
                 assert reached == first
-        diff = summary["differences"]["antisd - grpo"][key]["final"]
-        assert diff["mean"] == pytest.approx(summary["methods"]["antisd"][key]["final"]["mean"]
-                                             - summary["methods"]["grpo"][key]["final"]["mean"])
-        assert diff["ci95"][0] <= diff["ci95"][1]
+        for metric in ("primary", "final", "peak"):
+            diff = summary["differences_by_temperature"][key]["antisd"][metric]
+            assert diff["per_seed"] == [{"seed": s, "value": pytest.approx(summary["runs"][f"antisd-seed{s}"]["eval"][key][metric]
+                                                                           - summary["runs"][f"grpo-seed{s}"]["eval"][key][metric])}
+                                        for s in (0, 1)]
+            assert diff["mean"] == pytest.approx(summary["methods"]["antisd"][key][metric]["mean"]
+                                                 - summary["methods"]["grpo"][key][metric]["mean"])
+            assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1] and 0 < diff["sign_test_p"] <= 1
+    assert summary["differences"] == summary["differences_by_temperature"]["T1"]
+    assert summary["metrics"]["primary"]["steps"] == [4]  # of 4 steps evaluated at 2 and 4: step 4
     report = (out / "report.md").read_text()
     assert "antisd - grpo" in report and "![heldout.png](heldout.png)" in report
 
