@@ -42,11 +42,15 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
 
 def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewards: list[float],
                  reward_parts: dict[str, list[float]], truncated: list[bool],
-                 entropy_median: float | None, seq_lambda: torch.Tensor, gate_open: bool | None, update: dict,
+                 entropy_median: float | None, seq_lambda: torch.Tensor, group_weight: torch.Tensor, gate, update: dict,
                  u_all: torch.Tensor, lr: float, timings: dict, step_s: float) -> dict:
     """One metrics.jsonl row of the training loop, over all processes (`update` is what
-    train_antisd.update_policy returns)."""
+    train_antisd.update_policy returns, `gate` its Gate)."""
     reward_t = torch.tensor(rewards)
+    grouped = reward_t.view(-1, group_size)
+    zero_std = (grouped.amax(1) == grouped.amin(1)).repeat_interleave(group_size)
+    bonus = accelerator.reduce(torch.stack([update["seq_bonus"][zero_std].sum(), update["seq_bonus"].sum()]).to(accelerator.device),
+                               "sum")
     all_rewards, all_lens = gather_floats(accelerator, reward_t), gather_floats(accelerator, update["resp_lens"])
     group_std = gather_floats(accelerator, reward_t.view(-1, group_size).std(dim=1))
     sums = accelerator.reduce(torch.tensor([update["clipped"], update["bonus"], update["penalty"], update["loss"]],
@@ -63,13 +67,17 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
         "reward/std": all_rewards.std().item(),
         "reward/zero_std_groups": (group_std < 1e-8).float().mean().item(),
         **{f"reward/{name}": gathered_nanmean(accelerator, values) for name, values in reward_parts.items()},
-        "gate/open": None if gate_open is None else bool(gate_open),
+        "gate/open": None if gate.open is None else bool(gate.open),
+        "gate/closed_by": None if gate.open is None or gate.open else gate.closed_by,
         "gate/lambda": gather_floats(accelerator, seq_lambda).mean().item(),
+        "signal/group_weight_mean": gather_floats(accelerator, group_weight).mean().item(),
         "teacher/entropy_median": entropy_median,
         "u/mean": u_all.mean().item() if u_all.numel() else None,
         "u/frac_negative": (u_all < 0).float().mean().item() if u_all.numel() else None,
         "signal/bonus_mass": sums[1].item() / total_tokens,
         "signal/penalty_mass": sums[2].item() / total_tokens,
+        # the collapse path: the bonus paid where every rollout scored the same and only the signal acts
+        "signal/zero_std_bonus_share": bonus[0].item() / bonus[1].item() if bonus[1] > 0 else None,
         "loss": sums[3].item() / ppo_epochs,
         "grad_norm": update["grad_norm"].item() if update["grad_norm"] is not None else None,
         "clip_fraction": sums[0].item() / total_tokens / ppo_epochs,

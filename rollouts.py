@@ -133,8 +133,9 @@ class VLLMRollouts:
             options = {"enable_sleep_mode": True, "distributed_executor_backend": "external_launcher"}
         self.llm = vllm.LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                             max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
-                            # the trainer's log pi is the model's own log-softmax (no temperature): compare like with like
-                            logprobs_mode="raw_logprobs", **options)
+                            # the trainer scores log_softmax(logits / T): vLLM's log-probs after its temperature (top-p < 1
+                            # also renormalizes over the nucleus, as in TRL)
+                            logprobs_mode="processed_logprobs", **options)
         if colocate:
             self.llm.sleep(level=2)  # level 2 discards the weights: load_weights pushes them before each rollout
 

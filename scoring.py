@@ -5,6 +5,8 @@
   at a time (`logit_chunk_rows`), returning fp32 (log-prob, entropy) pairs; with grad each chunk is
   checkpointed so its logits are rebuilt in backward instead of stored. It runs inside the model's
   own forward, so DDP/FSDP hooks see an ordinary forward.
+- Every score is of the distribution sampled from, `log_softmax(logits / temperature)` (as TRL and verl
+  score): the PPO ratio, u and the teacher's entropy and PPL refer to what the rollouts drew from.
 - `token_logprobs`: the student's (and any single-context) scores of packed prompt+response rows;
   `eval_mode_logprobs` the same without dropout and grad, for models whose training passes are noisy
   (`has_dropout`: LoRA dropout, attention dropout).
@@ -73,10 +75,10 @@ class ScoringHead(torch.nn.Linear):
         for start in range(0, len(rows), req["chunk_rows"]):
             h, t = rows[start:start + req["chunk_rows"]], req["targets"][start:start + req["chunk_rows"]]
             if torch.is_grad_enabled():  # the student: log-probs only, logits rebuilt in backward
-                out.append(torch.stack([checkpoint(self._chunk_logprobs, h, t, use_reentrant=False),
+                out.append(torch.stack([checkpoint(self._chunk_logprobs, h, t, req["temperature"], use_reentrant=False),
                                         torch.zeros(len(h), device=h.device)], dim=-1))
                 continue
-            logits = super().forward(h).float()  # bf16 weights: bf16 logits, then fp32 from here on
+            logits = self._logits(h, req["temperature"])
             log_z = torch.logsumexp(logits, dim=-1)
             logp = logits.gather(1, t[:, None])[:, 0] - log_z
             entropy = torch.zeros_like(logp)
@@ -86,9 +88,14 @@ class ScoringHead(torch.nn.Linear):
             out.append(torch.stack([logp, entropy], dim=-1))
         return torch.cat(out) if out else rows.new_zeros((0, 2), dtype=torch.float32)
 
-    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(hidden).float()
+    def _chunk_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        logits = self._logits(hidden, temperature)
         return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+    def _logits(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+        """fp32 logits / temperature (bf16 weights give bf16 logits: fp32 from here on); T = 1 skips the division."""
+        logits = super().forward(hidden).float()
+        return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 # Config fields of models that transform the LM head's output (Gemma-2/3 soft-capping, Cohere and
@@ -117,8 +124,9 @@ def install_scoring_head(model) -> None:
 
 
 def token_logprobs(model, input_ids, attention_mask, targets, positions, response_mask,
-                   chunk_rows: int, with_entropy: bool = False, cache=None, position_ids=None):
-    """log pi(target) at each response position ([B, T], 0 off-mask), and the entropy if asked.
+                   chunk_rows: int, with_entropy: bool = False, cache=None, position_ids=None, temperature: float = 1.0):
+    """log pi(target) at each response position ([B, T], 0 off-mask), and the entropy if asked, of
+    softmax(logits / temperature): the sampling temperature.
 
     With a KV `cache` of a prefix, `input_ids` continue it: `attention_mask` then covers prefix +
     input and `position_ids` give the input's positions after the prefix's own tokens.
@@ -129,7 +137,7 @@ def token_logprobs(model, input_ids, attention_mask, targets, positions, respons
     active = response_mask.bool()
     batch_index = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(positions)
     head.sampled_tokens = {"batch_index": batch_index[active], "positions": positions[active], "targets": targets[active],
-                    "chunk_rows": chunk_rows, "with_entropy": with_entropy}
+                    "chunk_rows": chunk_rows, "with_entropy": with_entropy, "temperature": temperature}
     try:
         scored = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        cache=cache, use_cache=cache is not None).logits
@@ -148,12 +156,14 @@ def has_dropout(model) -> bool:
 
 
 @torch.no_grad()
-def eval_mode_logprobs(model, input_ids, attention_mask, targets, positions, response_mask, chunk_rows: int):
+def eval_mode_logprobs(model, input_ids, attention_mask, targets, positions, response_mask, chunk_rows: int,
+                       temperature: float = 1.0):
     """token_logprobs in eval mode (no dropout) and without grad; the model's mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        return token_logprobs(model, input_ids, attention_mask, targets, positions, response_mask, chunk_rows)[0]
+        return token_logprobs(model, input_ids, attention_mask, targets, positions, response_mask, chunk_rows,
+                              temperature=temperature)[0]
     finally:
         model.train(was_training)
 
@@ -167,8 +177,9 @@ def caches_prefixes(model) -> bool:
 
 @torch.no_grad()
 def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]], pad_id: int, device,
-                   batch_size: int, chunk_rows: int, agree_calls=None) -> tuple[list, list]:
-    """The teacher's log pi(y_t) and full-vocabulary entropy for each response after its prefix.
+                   batch_size: int, chunk_rows: int, agree_calls=None, temperature: float = 1.0) -> tuple[list, list]:
+    """The teacher's log pi(y_t) and full-vocabulary entropy for each response after its prefix, at
+    the sampling `temperature`.
 
     Rollouts shown the same solution with the same feedback have the same prefix: it is run once
     (all but its last token) and each of those responses continues its KV cache as
@@ -198,13 +209,14 @@ def teacher_scores(model, prefixes: list[list[int]], responses: list[list[int]],
     for batch, subs in plan:
         if batch is None:
             scored = [(rows, token_logprobs(model, *pack_sequences([prefixes[i] for i in rows], [responses[i] for i in rows],
-                                                                   pad_id, device), chunk_rows, with_entropy=True))
+                                                                   pad_id, device), chunk_rows, with_entropy=True,
+                                                    temperature=temperature))
                       for rows in subs]
         else:
             prefix = read_prefixes(model, [distinct[d] for d in batch], pad_id, device)
             cache_row = {d: r for r, d in enumerate(batch)}
             scored = [(rows, prefix.continue_with([cache_row[owner[i]] for i in rows], [responses[i] for i in rows], pad_id,
-                                                  chunk_rows, with_entropy=True))
+                                                  chunk_rows, with_entropy=True, temperature=temperature))
                       for rows in subs]
         for rows, (lp, ent) in scored:
             for j, i in enumerate(rows):
@@ -222,7 +234,7 @@ class PrefixCache:
     mask: torch.Tensor  # [prompts, longest prefix]
 
     def continue_with(self, rows: list[int], responses: list[list[int]], pad_id: int, chunk_rows: int,
-                      with_entropy: bool = False, layers: list | None = None):
+                      with_entropy: bool = False, layers: list | None = None, temperature: float = 1.0):
         """token_logprobs of each response after prompt `rows[j]`, read as [last prompt token] + response
         on a copy of that prompt's cache (of `layers` instead, if given: the same cache as other tensors)."""
         device = self.mask.device
@@ -233,7 +245,7 @@ class PrefixCache:
         starts = torch.tensor([len(self.prompts[r]) - 1 for r in rows], device=device)
         return token_logprobs(self.model, ids, torch.cat([self.mask[select], mask], 1), targets, positions, response_mask,
                               chunk_rows, with_entropy=with_entropy, cache=cache,
-                              position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device))
+                              position_ids=starts[:, None] + torch.arange(ids.shape[1], device=device), temperature=temperature)
 
 
 def read_prefixes(model, prompts: list[list[int]], pad_id: int, device) -> PrefixCache:
@@ -269,9 +281,11 @@ class SharedPromptScores:
         self.prefix = read_prefixes(model, [list(p) for p in index], pad_id, device)
         self.leaves = [(keys.detach().requires_grad_(), values.detach().requires_grad_()) for keys, values in self.prefix.layers]
 
-    def logprobs(self, rows: list[int], responses: list[list[int]], pad_id: int, chunk_rows: int) -> torch.Tensor:
+    def logprobs(self, rows: list[int], responses: list[list[int]], pad_id: int, chunk_rows: int,
+                 temperature: float = 1.0) -> torch.Tensor:
         """log pi(y_t) of rollouts `rows` (their `responses`), [len(rows), longest response]."""
-        return self.prefix.continue_with([self.owner[i] for i in rows], responses, pad_id, chunk_rows, layers=self.leaves)[0]
+        return self.prefix.continue_with([self.owner[i] for i in rows], responses, pad_id, chunk_rows, layers=self.leaves,
+                                         temperature=temperature)[0]
 
     def backward(self) -> None:
         """The prompts' share of the gradient, after every micro-batch's own backward."""

@@ -59,8 +59,13 @@ logger = logging.getLogger("antisd")
 
 METHODS = ("grpo", "sd", "sd_jsd", "antisd")
 GATES = ("entropy", "none", "release")
+GROUP_SIGNALS = ("all", "mixed", "bernoulli")
 # A preset is a layer of defaults under the recipe and the flags: a recipe value or a flag always wins.
-PRESET_DEFAULTS = {"paper": {"gate": "entropy"}, "release": {"gate": "release", "gate_reopen_ratio": 1.07}}
+# release = the authors' released pipeline: their controller (its re-open ratio and length mask follow
+# from --gate release) and no dataset solution shown when no other rollout of the group is correct.
+PRESET_DEFAULTS = {"paper": {"gate": "entropy"}, "release": {"gate": "release", "dataset_solution_fallback": False}}
+REOPEN_RATIO = {"entropy": 1.0, "release": 1.07}  # paper Eq. 7; the released controller
+RELEASE_LENGTH_MASK = (12000, 16384)  # the released launcher: no signal on responses >= 12000 of 16384 tokens
 
 
 # =====================================================================================
@@ -121,15 +126,22 @@ class Config:
     verifier_timeout_s: float = arg(4.0, "CPU-time limit of one answer check (the check scores 0 past it).")
     # --- method
     method: str = arg("antisd", "grpo (delta 0) | sd (+u, the paper's +SD) | sd_jsd (+phi(u)) | antisd (-phi(u)).")
-    preset: str = arg("paper", "Defaults under recipe and flags: paper (entropy gate) or release (--gate release, reopen 1.07).")
+    preset: str = arg("paper", "Defaults under recipe and flags: paper (entropy gate) or release (the released pipeline: "
+                               "--gate release, no --dataset_solution_fallback).")
     gate: str = arg("entropy", "entropy (paper: Schmitt trigger on teacher entropy) | none (lambda_max always) | release.")
     lambda_max: float = arg(0.5, "lambda of the token signal when the gate is open. Paper: 0.5.")
     gate_warmup_steps: int = arg(5, "W: steps of pure GRPO that calibrate the gate. Paper: 5.")
-    gate_down_ratio: float = arg(0.93, "Close the gate below this x H_warm. Paper: 0.93.")
-    gate_reopen_ratio: float = arg(1.0, "Re-open at this x H_warm. Paper: 1.00; released controller: 1.07.")
+    gate_down_ratio: float = arg(0.93, "Close the gate below this x its warm-up reference. Paper: 0.93.")
+    gate_reopen_ratio: float | None = arg(None, "Re-open at this x the warm-up reference; default: 1.00 for --gate entropy "
+                                                "(paper), 1.07 for --gate release (released controller).")
+    gate_close_above: float = arg(0.0, "Guard (ours): also close the gate while its statistic is above R x its warm-up "
+                                       "reference (a degenerating policy makes the teacher less sure); 0: off (paper).")
+    group_signal: str = arg("all", "Guard (ours): which groups get the token signal: all (paper) | mixed (only groups whose "
+                                   "rewards differ) | bernoulli (weighted by 4p(1-p), p the group's mean reward).")
     dataset_solution_fallback: bool = arg(True, "Show the dataset's solution if no sibling is correct (paper: yes; release: no).")
     solution_max_tokens: int = arg(1024, "Shown-solution budget in tokens (beyond it: first quarter + last three quarters).")
-    release_max_response_tokens: int = arg(8192, "--gate release: no signal on longer responses.")
+    release_max_response_tokens: int | None = arg(None, "--gate release: no signal on responses at least this long; default: "
+                                                        "12000/16384 of --max_new_tokens, as the released launcher.")
     # --- optimization
     learning_rate: float = arg(2e-4, "AdamW learning rate. Paper: 1e-6 (Qwen3); 2e-4 suits the tiny model.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
@@ -162,8 +174,15 @@ class Config:
     eval_n: int = arg(4, "Samples per problem of --eval_steps (avg@n, pass@1 and pass@n).")
     eval_limit: int | None = arg(None, "Only the first N problems of --eval_bench.")
 
+    def __post_init__(self):
+        """Defaults that follow from other fields (a value given anywhere wins)."""
+        if self.gate_reopen_ratio is None:
+            self.gate_reopen_ratio = REOPEN_RATIO.get(self.gate, 1.0)
+        if self.release_max_response_tokens is None:  # the same share of the budget: length >= ceil(12000/16384 x budget)
+            self.release_max_response_tokens = -(-RELEASE_LENGTH_MASK[0] * self.max_new_tokens // RELEASE_LENGTH_MASK[1])
+
     def validate(self, num_processes: int) -> None:
-        choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES,
+        choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES, "group_signal": GROUP_SIGNALS,
                    "truncated_completions": ("mask", "wrong"), "rollout_backend": ROLLOUT_BACKENDS,
                    "transformers_decoding": DECODINGS, "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
         problems = [f"--{name} must be one of {allowed}, got {getattr(self, name)!r}"
@@ -194,6 +213,11 @@ class Config:
             problems.append(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.cpu_threads < 0:
             problems.append(f"--cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}")
+        if self.temperature <= 0:
+            problems.append(f"--temperature must be > 0: rollouts are sampled and scored at it, got {self.temperature}")
+        if self.gate_close_above and self.gate_close_above <= max(self.gate_reopen_ratio, 1.0):
+            problems.append(f"--gate_close_above {self.gate_close_above} must be above the re-open ratio "
+                            f"{self.gate_reopen_ratio} (and 1), or 0 (off): the gate could never re-open")
         for name in ("max_steps", "micro_batch_size", "score_batch_size", "max_new_tokens", "ppo_epochs", "gate_warmup_steps",
                      "generation_kv_tokens", "logit_chunk_mb"):
             if getattr(self, name) < 1:
@@ -251,6 +275,27 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     return adv.view(-1)
 
 
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """For each rollout: whether every rollout of its group scored the same (sequence advantage 0)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped.amax(1) == grouped.amin(1)).repeat_interleave(group_size)
+
+
+def group_signal_weights(rewards: torch.Tensor, group_size: int, mode: str) -> torch.Tensor:
+    """Our guard against the collapse path (`--group_signal`): the weight of each rollout's token signal.
+    all: 1 (the paper). mixed: 0 in groups whose rewards are all equal, where the signal would act
+    alone. bernoulli: 4 p (1 - p), p the group's mean reward (clamped to [0, 1]), as SSOPD weights
+    self-distillation: 0 in all-right and all-wrong groups, 1 at p = 1/2."""
+    if mode == "all":
+        return torch.ones_like(rewards)
+    if mode == "mixed":
+        return (~zero_std_groups(rewards, group_size)).to(rewards.dtype)
+    if mode == "bernoulli":
+        p = rewards.view(-1, group_size).mean(1).clamp(0.0, 1.0)
+        return (4 * p * (1 - p)).repeat_interleave(group_size)
+    raise ValueError(f"unknown --group_signal {mode!r}; choose from {GROUP_SIGNALS}")
+
+
 def combine_advantages(seq_adv: torch.Tensor, signal: torch.Tensor, lam, mask: torch.Tensor) -> torch.Tensor:
     """A_t = A_seq + lambda * delta_t on active tokens; lam is a scalar or one value per sequence."""
     lam = torch.as_tensor(lam, dtype=signal.dtype, device=signal.device)
@@ -266,13 +311,26 @@ class TeacherStats:
     seq_ppl: torch.Tensor  # teacher perplexity exp(-mean_t log pi_T) of each of this process's sequences
 
 
+def schmitt_trigger(is_open: bool, closed_by: str | None, value: float, close_below: float, reopen_at: float,
+                    close_above: float = math.inf) -> tuple[bool, str | None]:
+    """(open, why closed) after reading `value`: an open gate closes below `close_below` (the paper) or
+    above `close_above` (our guard, inf = off); a closed one re-opens once `reopen_at <= value <= close_above`."""
+    if is_open:
+        if value < close_below:
+            return False, "below"
+        return (False, "above") if value > close_above else (True, None)
+    return (True, None) if reopen_at <= value <= close_above else (False, closed_by)
+
+
 class Gate:
     """How much of the token signal each sequence gets. Each step the loop calls `lambdas` (before
     the update: one lambda per sequence), `signal` (inside the update: the per-token delta of u) and
-    `end_step` (after it, with the step's average teacher PPL and the std of u over all processes).
-    `open` is logged as gate/open (None: no gate); the state dict goes into checkpoints."""
+    `end_step` (after it, with the step's average teacher PPL, None when no sequence counts, and the
+    std of u over all processes). `open` is logged as gate/open (None: no gate), `closed_by` as
+    gate/closed_by (warmup, below, above); the state dict goes into checkpoints."""
 
     open: bool | None = None
+    closed_by: str | None = None
 
     def lambdas(self, stats: TeacherStats) -> torch.Tensor:
         raise NotImplementedError
@@ -280,7 +338,7 @@ class Gate:
     def signal(self, u: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
         return token_signal(u, method) * mask
 
-    def end_step(self, avg_ppl: float, u_std: float) -> None:
+    def end_step(self, avg_ppl: float | None, u_std: float) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -305,13 +363,14 @@ class EntropyGate(Gate):
 
     Steps 0..W-1 are pure GRPO (lambda 0) and record H; H_warm = their median. Then, with g = 1:
     close when H < down_ratio * H_warm, re-open when H >= reopen_ratio * H_warm; lambda = g * lambda_max.
+    `close_above` R > 0 (our guard, not the paper's) also closes it while H > R * H_warm.
     """
 
     def __init__(self, warmup_steps: int = 5, down_ratio: float = 0.93, lambda_max: float = 0.5,
-                 reopen_ratio: float = 1.0):
+                 reopen_ratio: float = 1.0, close_above: float = 0.0):
         self.warmup_steps, self.down_ratio = warmup_steps, down_ratio
-        self.lambda_max, self.reopen_ratio = lambda_max, reopen_ratio
-        self.step, self.open, self.h_warm, self.warmup_values = 0, False, None, []
+        self.lambda_max, self.reopen_ratio, self.close_above = lambda_max, reopen_ratio, close_above
+        self.step, self.open, self.closed_by, self.h_warm, self.warmup_values = 0, False, "warmup", None, []
 
     def lambdas(self, stats: TeacherStats) -> torch.Tensor:
         return torch.full(stats.seq_ppl.shape, self.update(stats.entropy_median))
@@ -322,75 +381,85 @@ class EntropyGate(Gate):
         if step < self.warmup_steps:
             self.warmup_values.append(float(h))
             if step == self.warmup_steps - 1:
-                self.h_warm, self.open = statistics.median(self.warmup_values), True
+                self.h_warm, self.open, self.closed_by = statistics.median(self.warmup_values), True, None
             return 0.0
-        if self.open and h < self.down_ratio * self.h_warm:
-            self.open = False
-        elif not self.open and h >= self.reopen_ratio * self.h_warm:
-            self.open = True
+        self.open, self.closed_by = schmitt_trigger(self.open, self.closed_by, h, self.down_ratio * self.h_warm,
+                                                    self.reopen_ratio * self.h_warm,
+                                                    self.close_above * self.h_warm if self.close_above else math.inf)
         return self.lambda_max if self.open else 0.0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "open": self.open, "h_warm": self.h_warm, "warmup_values": list(self.warmup_values)}
+        return {"step": self.step, "open": self.open, "closed_by": self.closed_by, "h_warm": self.h_warm,
+                "warmup_values": list(self.warmup_values)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.open, self.h_warm = state["step"], state["open"], state["h_warm"]
         self.warmup_values = list(state["warmup_values"])
+        # checkpoints from before the guard have no closed_by
+        self.closed_by = state.get("closed_by", None if self.open else "warmup" if self.h_warm is None else "below")
 
 
 class ReleaseController(Gate):
     """The authors' released controller (`--gate release`, the release preset), not the paper's gate.
 
     Gate on teacher perplexity PPL_i = exp(-mean_t log pi_T) of each sequence, decided from the
-    previous step's average; continuous per-sequence lambda; u zeroed beyond 2 sigma_ref (the mean
-    warm-up std of u), clamped, z-scored per sequence, clipped; long responses get no signal.
+    previous step's average over sequences with PPL < 3 (a step without one has no average and leaves
+    the gate as it is); continuous per-sequence lambda; u zeroed beyond 2 sigma_ref (the mean warm-up
+    std of u), clamped, z-scored per sequence, clipped; responses at least `max_response_tokens` long
+    get no signal. `close_above` R > 0 (our guard) also closes it while the average > R * warm_median.
+    The warm-up lasts W steps, longer if none of them had an average.
     """
 
     PPL_CAP, U_CLAMP, Z_CLIP = 3.0, 5.0, 5.0
 
     def __init__(self, warmup_steps: int = 5, down_ratio: float = 0.93, reopen_ratio: float = 1.07,
-                 lambda_max: float = 0.5, max_response_tokens: int = 8192):
+                 lambda_max: float = 0.5, max_response_tokens: int = 12000, close_above: float = 0.0):
         self.warmup_steps, self.down_ratio, self.reopen_ratio = warmup_steps, down_ratio, reopen_ratio
-        self.lambda_max, self.max_response_tokens = lambda_max, max_response_tokens
-        self.step, self.open, self.prev_avg = 0, False, None
+        self.lambda_max, self.max_response_tokens, self.close_above = lambda_max, max_response_tokens, close_above
+        self.step, self.open, self.closed_by, self.prev_avg = 0, False, "warmup", None
         self.warmup_ppl, self.warmup_u_std = [], []
         self.warm_median = self.tau = self.sigma_ref = None
 
     def lambdas(self, stats: TeacherStats) -> torch.Tensor:
         """lambda_i for this step, before its update; the gate follows the previous step's average."""
         ppl = stats.seq_ppl
-        if self.step < self.warmup_steps:
+        if self.warm_median is None:
             return torch.zeros_like(ppl)
-        if self.open and self.prev_avg < self.tau:
-            self.open = False
-        elif not self.open and self.prev_avg >= self.reopen_ratio * self.warm_median:
-            self.open = True
+        if self.prev_avg is not None:
+            self.open, self.closed_by = schmitt_trigger(
+                self.open, self.closed_by, self.prev_avg, self.tau, self.reopen_ratio * self.warm_median,
+                self.close_above * self.warm_median if self.close_above else math.inf)
         lam = (0.2 * torch.log(torch.clamp(ppl / self.tau, 0.5, 3.0))).clamp(0.0, self.lambda_max)
         return torch.where((ppl > self.PPL_CAP) | (not self.open), torch.zeros_like(lam), lam)
 
     def signal(self, u: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
-        """The release signal: outlier zeroing, clamp, phi, per-sequence z-score, clip, length mask."""
-        keep = mask.bool()
+        """The release signal: outlier zeroing, clamp, phi, per-sequence z-score, clip, length mask.
+
+        As the released `dp_actor.py` (FloyedShen/AntiSD, `grpo_ca` branch) does it: an outlier's u is set
+        to 0 (so its signal is phi(0) = 0) and it stays in its sequence's mean and population std like
+        any response token, so after the z-score it carries (0 - mean) / std, not 0; std is clamped at 1e-6.
+        """
         if self.sigma_ref is not None:
-            keep &= u.abs() <= 2 * self.sigma_ref
-        signal = token_signal(u.clamp(-self.U_CLAMP, self.U_CLAMP), method) * keep
-        count = keep.sum(1, keepdim=True).clamp(min=1)
-        mean = signal.sum(1, keepdim=True) / count
-        std = (((signal - mean) ** 2) * keep).sum(1, keepdim=True).div(count).sqrt()
-        z = ((signal - mean) / (std + 1e-6)).clamp(-self.Z_CLIP, self.Z_CLIP) * keep
-        too_long = mask.sum(1, keepdim=True) > self.max_response_tokens
+            u = torch.where(u.abs() <= 2 * self.sigma_ref, u, torch.zeros_like(u))
+        signal = token_signal(u.clamp(-self.U_CLAMP, self.U_CLAMP), method) * mask
+        count = mask.sum(1, keepdim=True).clamp(min=1)
+        centered = (signal - signal.sum(1, keepdim=True) / count) * mask
+        std = (centered ** 2).sum(1, keepdim=True).div(count).sqrt().clamp(min=1e-6)
+        z = (centered / std).clamp(-self.Z_CLIP, self.Z_CLIP)
+        too_long = mask.sum(1, keepdim=True) >= self.max_response_tokens
         return torch.where(too_long, torch.zeros_like(z), z)
 
-    def end_step(self, avg_ppl: float, u_std: float) -> None:
-        """Record the step's average PPL (sequences with PPL < 3) and the std of u."""
-        if self.step < self.warmup_steps:
-            self.warmup_ppl.append(avg_ppl)
+    def end_step(self, avg_ppl: float | None, u_std: float) -> None:
+        """Record the step's average PPL over its sequences with PPL < 3 (None: there were none) and the std of u."""
+        if self.warm_median is None:
+            if avg_ppl is not None:
+                self.warmup_ppl.append(avg_ppl)
             self.warmup_u_std.append(u_std)
-            if self.step == self.warmup_steps - 1:
-                self.warm_median = statistics.median(v for v in self.warmup_ppl if math.isfinite(v))
+            if self.step >= self.warmup_steps - 1 and self.warmup_ppl:
+                self.warm_median = statistics.median(self.warmup_ppl)
                 self.tau = max(self.down_ratio * self.warm_median, 1.01)
                 self.sigma_ref = statistics.fmean(self.warmup_u_std)
-                self.open = True
+                self.open, self.closed_by = True, None
         self.prev_avg = avg_ppl
         self.step += 1
 
@@ -408,8 +477,8 @@ def make_gate(cfg: Config) -> Gate:
         return ConstantLambda(cfg.lambda_max)
     if cfg.gate == "release":
         return ReleaseController(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.gate_reopen_ratio, cfg.lambda_max,
-                                 cfg.release_max_response_tokens)
-    return EntropyGate(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.lambda_max, cfg.gate_reopen_ratio)
+                                 cfg.release_max_response_tokens, cfg.gate_close_above)
+    return EntropyGate(cfg.gate_warmup_steps, cfg.gate_down_ratio, cfg.lambda_max, cfg.gate_reopen_ratio, cfg.gate_close_above)
 
 
 def ppo_clip_loss(logp, old_logp, adv, weights, clip_low: float, clip_high: float):
@@ -545,7 +614,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     """PPO-clip on A_t = A_seq + lambda * delta_t, token-mean over the whole batch of all processes.
 
     The first pass over each micro-batch is the behaviour policy (parameters have not moved), so
-    its log-probs are the student's log pi_S for u and the old log-probs for the ratio. A model with
+    its log-probs are the student's log pi_S for u and the old log-probs for the ratio; every score is at
+    the sampling temperature. `seq_lambda` is each sequence's lambda (gate x group weight). A model with
     dropout (LoRA dropout) takes them from a no-grad eval-mode pass instead, so u carries no dropout noise.
     When the sampler returned its own log-probs (vLLM), each token's term is weighted by the truncated
     importance ratio pi_trainer / pi_sampler against that small mismatch.
@@ -564,18 +634,20 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
     is_weights, is_values = {}, []  # per micro-batch; (ratio, weight) of each trained token
-    seq_u_mean = torch.full((n_seq,), math.nan)
+    seq_u_mean, seq_bonus = torch.full((n_seq,), math.nan), torch.zeros(n_seq)
     grad_norm, skipped, noisy = None, False, has_dropout(model)
     for epoch in range(cfg.ppo_epochs):
         shared_prompts = SharedPromptScores(model, rollout.prompt_ids, pad_id, device) if shared else None  # this epoch's weights
+        temperature = cfg.temperature
         for k, idx in enumerate(micro_batches):
             responses = [rollout.completion_ids[i] for i in idx]
             packed = pack_sequences([rollout.prompt_ids[i] for i in idx], responses, pad_id, device)
             mask = packed[-1]
             if epoch == 0 and noisy:
-                old_logp[k] = eval_mode_logprobs(model, *packed, chunk_rows)
+                old_logp[k] = eval_mode_logprobs(model, *packed, chunk_rows, temperature)
             with nullcontext() if k == len(micro_batches) - 1 else accelerator.no_sync(model):  # sync on the last
-                logp = shared_prompts.logprobs(idx, responses, pad_id, chunk_rows) if shared else token_logprobs(model, *packed, chunk_rows)[0]
+                logp = (shared_prompts.logprobs(idx, responses, pad_id, chunk_rows, temperature) if shared
+                        else token_logprobs(model, *packed, chunk_rows, temperature=temperature)[0])
                 if epoch == 0 and not noisy:
                     old_logp[k] = logp.detach()
                 if epoch == 0 and rollout.sampler_logprobs is not None:  # a sampler with its own log-probs (vLLM)
@@ -592,6 +664,7 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
                         u_values.append(u[mask.bool()])
                         seq_u_mean[idx] = (u.sum(1) / mask.sum(1).clamp(min=1)).cpu()
                         weighted = (seq_lambda[idx] * trained[idx]).to(device)[:, None] * signal  # masked rows carry no loss
+                        seq_bonus[idx] = weighted.clamp(min=0).sum(1).cpu()
                         stats["bonus"] += weighted.clamp(min=0).sum().item()
                         stats["penalty"] += weighted.clamp(max=0).sum().item()
                 adv = combine_advantages(seq_adv[idx].to(device), signal, seq_lambda[idx].to(device), mask)
@@ -613,7 +686,8 @@ def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: G
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "seq_u_mean": seq_u_mean, "grad_norm": grad_norm,
+    return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "seq_u_mean": seq_u_mean, "seq_bonus": seq_bonus,
+            "grad_norm": grad_norm,
             "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens,
             "is_values": torch.cat(is_values, dim=1) if is_values else None}
 
@@ -719,20 +793,21 @@ def main(cfg: Config) -> None:
             teacher_logp, teacher_entropy = teacher_scores(
                 model, teacher_prompts(cfg, tokenizer, step, rank, rows, prompts, batch_rows, rollout, rewards),
                 rollout.completion_ids, tokenizer.pad_token_id, device, cfg.score_batch_size, chunk_rows,
-                agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()))
+                agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()), temperature=cfg.temperature)
         timings["teacher"] = time.perf_counter() - t0
 
-        # ---- gate: this step's lambda per sequence (the step's teacher statistics decide it)
+        # ---- gate: this step's lambda per sequence (the step's teacher statistics decide it), times the group guard
         all_entropy = gather_floats(accelerator, torch.cat(teacher_entropy) if teacher_entropy else torch.zeros(0))
         seq_ppl = torch.tensor([math.exp(-(tl.sum() / max(len(c), 1)).item()) if tl is not None else float("nan")
                                 for tl, c in zip(teacher_logp, rollout.completion_ids)])
         stats = TeacherStats(all_entropy.median().item() if all_entropy.numel() else None, seq_ppl)
         seq_lambda = gate.lambdas(stats)
+        group_weight = group_signal_weights(torch.tensor(rewards), cfg.group_size, cfg.group_signal)
 
         # ---- update: PPO-clip with A_t = A_seq + lambda * delta_t, token-mean over the whole batch
         t0 = time.perf_counter()
         update = update_policy(cfg, accelerator, model, optimizer, scheduler, gate, rollout, tokenizer.pad_token_id,
-                               teacher_logp, seq_adv, seq_lambda, chunk_rows)
+                               teacher_logp, seq_adv, seq_lambda * group_weight, chunk_rows)
         timings["update"] = time.perf_counter() - t0
         if update["skipped"]:
             logger.warning("step %d: non-finite gradient norm (%s), update skipped", step + 1, update["grad_norm"].item())
@@ -741,13 +816,13 @@ def main(cfg: Config) -> None:
         u_all = gather_floats(accelerator, update["u"])
         finite = seq_ppl[torch.isfinite(seq_ppl) & (seq_ppl < ReleaseController.PPL_CAP)]
         ppl_sum = accelerator.reduce(torch.tensor([finite.sum().item(), float(finite.numel())], device=device), "sum")
-        gate.end_step((ppl_sum[0] / ppl_sum[1].clamp(min=1)).item(), u_all.std().item() if u_all.numel() > 1 else 0.0)
+        gate.end_step((ppl_sum[0] / ppl_sum[1]).item() if ppl_sum[1] > 0 else None, u_all.std().item() if u_all.numel() > 1 else 0.0)
 
         # ---- log
         step_s = time.perf_counter() - t_step
         metrics = step_metrics(accelerator, step, cfg.group_size, cfg.ppo_epochs, rewards, reward_parts, rollout.truncated,
-                               stats.entropy_median, seq_lambda, gate.open, update, u_all, scheduler.get_last_lr()[0],
-                               timings, step_s)
+                               stats.entropy_median, seq_lambda, group_weight, gate, update, u_all,
+                               scheduler.get_last_lr()[0], timings, step_s)
         if verifier is not None:  # checks over the verifier's CPU limit score 0: right answers may have been lost
             step_timeouts, timeouts_logged = verifier.timeouts - timeouts_logged, verifier.timeouts
             metrics["reward/verifier_timeouts"] = accelerator.reduce(torch.tensor(float(step_timeouts), device=device), "sum").item()

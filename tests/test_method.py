@@ -12,7 +12,8 @@ from train_antisd import GATES
 from scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
 from train_antisd import (
     ConstantLambda, EntropyGate, ReleaseController, TeacherStats, make_gate, pmi_signal, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
-    grpo_advantages, jsd_phi, loss_weights, ppo_clip_loss, teacher_user_message, token_signal,
+    group_signal_weights, grpo_advantages, jsd_phi, loss_weights, ppo_clip_loss, teacher_user_message, token_signal,
+    zero_std_groups,
 )
 
 
@@ -89,13 +90,82 @@ def test_release_controller():
     assert not ctrl.lambdas(stats).any()
     ctrl.end_step(2.3, 1.0)
     assert ctrl.lambdas(stats).any() and ctrl.open
-    # signal processing: outlier zeroed, z-scored per sequence, long responses dropped
-    u = torch.tensor([[0.1, -0.2, 3.0, 0.0], [0.5, -0.5, 0.2, 0.1]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # signal processing as released: the outlier's u set to 0 (phi(0) = 0), which stays in the sequence's
+    # mean and population std, so it gets z = (0 - mean) / std; padding 0; responses >= 3 tokens dropped
+    u = torch.tensor([[0.1, -0.2, 3.0, 0.0], [0.5, -0.5, 0.0, 0.0], [0.5, -0.5, 0.2, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    d = [-0.5 * (math.log1p(math.exp(x)) - LOG2) for x in (0.1, -0.2, 0.0)]  # -phi(u), the outlier's u read as 0
+    mean = sum(d) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    ctrl.max_response_tokens = 4
     out = ctrl.signal(u, mask, "antisd")
-    assert out[0, 2] == 0 and out[0, 3] == 0          # |u| > 2 sigma_ref, and padding
-    assert out[0, :2].sum().item() == pytest.approx(0, abs=1e-5)  # z-scored over kept tokens
-    assert out[1].abs().sum() == 0                    # 4 tokens > max_response_tokens=3
+    assert out[0, :3].tolist() == pytest.approx([(x - mean) / std for x in d], rel=1e-5)
+    assert out[0, 2] != 0 and out[0, 3] == 0  # the outlier carries (0 - mean) / std; padding stays 0
+    assert out[1].tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0], rel=1e-5)  # +-1: two tokens z-scored
+    ctrl.max_response_tokens = 3  # the length mask is >= (as the released dp_actor): 3 tokens dropped, 2 kept
+    out = ctrl.signal(u, mask, "antisd")
+    assert out[0].abs().sum() == 0 and out[2].abs().sum() == 0 and out[1].abs().sum() > 0
+
+
+def test_release_controller_reads_a_step_without_average_as_no_value():
+    """A step where no sequence has teacher PPL < 3 has no average (None): the warm-up median skips it
+    and, after warm-up, the gate stays as it was."""
+    stats = TeacherStats(entropy_median=None, seq_ppl=torch.tensor([1.5, 2.5]))
+    ctrl = ReleaseController(warmup_steps=3, down_ratio=0.93, reopen_ratio=1.07)
+    for avg in (2.0, None, 2.4):
+        assert not ctrl.lambdas(stats).any()
+        ctrl.end_step(avg, u_std=1.0)
+    assert ctrl.warm_median == pytest.approx(2.2) and ctrl.open  # median of 2.0 and 2.4, not of 0, 2.0, 2.4
+    ctrl.end_step(None, 1.0)
+    assert ctrl.lambdas(stats).any() and ctrl.open  # no value: still open
+    ctrl.end_step(1.0, 1.0)
+    assert not ctrl.lambdas(stats).any() and ctrl.closed_by == "below"
+    ctrl.end_step(None, 1.0)
+    assert not ctrl.lambdas(stats).any() and ctrl.closed_by == "below"  # no value: still closed
+    late = ReleaseController(warmup_steps=2)  # no average in the whole warm-up: it goes on until there is one
+    for avg in (None, None, 2.0):
+        assert not late.lambdas(stats).any()
+        late.end_step(avg, 1.0)
+    assert late.warm_median == 2.0 and late.lambdas(stats).any()
+
+
+def test_gate_close_above_closes_on_a_rise_and_reopens_inside_the_band():
+    gate = EntropyGate(warmup_steps=1, down_ratio=0.93, lambda_max=0.5, reopen_ratio=1.0, close_above=2.0)
+    assert gate.closed_by == "warmup" and gate.update(1.0) == 0.0 and gate.open  # H_warm = 1.0
+    assert gate.update(1.9) == 0.5                          # inside [0.93, 2.0] x H_warm: open
+    assert gate.update(2.1) == 0.0 and gate.closed_by == "above"  # a rise closes it (the paper's gate would not)
+    assert gate.update(2.05) == 0.0                         # still above
+    saved = gate.state_dict()
+    restored = EntropyGate(warmup_steps=1, close_above=2.0)
+    restored.load_state_dict(saved)                         # the state survives a resume
+    assert restored.closed_by == "above" and restored.state_dict() == saved
+    for g in (gate, restored):
+        assert g.update(1.5) == 0.5 and g.closed_by is None  # back inside the band: the usual re-open rule
+        assert g.update(0.9) == 0.0 and g.closed_by == "below"
+    paper = EntropyGate(warmup_steps=1)
+    assert [paper.update(h) for h in (1.0, 5.0, 50.0)] == [0.0, 0.5, 0.5]  # off by default: the paper's gate
+    stats = TeacherStats(entropy_median=None, seq_ppl=torch.tensor([2.5]))  # above tau: lambda > 0 while open
+    ctrl = ReleaseController(warmup_steps=1, close_above=1.5)
+    ctrl.lambdas(stats)
+    ctrl.end_step(2.0, 1.0)                                  # warm_median 2.0: closes above 3.0
+    ctrl.end_step(3.2, 1.0)
+    assert not ctrl.lambdas(stats).any() and ctrl.closed_by == "above"
+    ctrl.end_step(2.2, 1.0)                                  # >= 1.07 x 2.0 and <= 3.0: re-opens
+    assert ctrl.lambdas(stats).any() and ctrl.open
+    restored = ReleaseController()
+    restored.load_state_dict(ctrl.state_dict())
+    assert restored.close_above == 1.5 and restored.state_dict() == ctrl.state_dict()
+
+
+def test_group_signal_weights_per_mode():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    assert zero_std_groups(rewards, 4).tolist() == [True] * 8 + [False] * 8
+    assert group_signal_weights(rewards, 4, "all").tolist() == [1.0] * 16
+    assert group_signal_weights(rewards, 4, "mixed").tolist() == [0.0] * 8 + [1.0] * 8
+    # 4 p (1 - p): p = 1, 0, 1/4, 1/2
+    assert group_signal_weights(rewards, 4, "bernoulli").tolist() == pytest.approx([0.0] * 8 + [0.75] * 4 + [1.0] * 4)
+    with pytest.raises(ValueError, match="group_signal"):
+        group_signal_weights(rewards, 4, "some")
 
 
 def test_every_gate_has_one_interface_and_make_gate_picks_it():
@@ -205,12 +275,12 @@ def small_model():
     return model
 
 
-def naive_logprobs(model, prompts, responses):
-    """Reference: one sequence at a time, full [length, vocab] log-softmax."""
+def naive_logprobs(model, prompts, responses, temperature: float = 1.0):
+    """Reference: one sequence at a time, full [length, vocab] log_softmax(logits / temperature)."""
     out, ent = [], []
     for p, r in zip(prompts, responses):
         logits = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1].float()
-        logp = torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(logits / temperature, -1)
         out.append(logp.gather(1, torch.tensor(r)[:, None])[:, 0])
         ent.append(-(logp.exp() * logp).sum(-1))
     return out, ent
@@ -253,6 +323,31 @@ def test_teacher_and_student_align_token_by_token(small_model):
     torch.testing.assert_close(t[0], ref_t[0], atol=1e-5, rtol=1e-5)
     assert (t[0] - s[0]).abs().max() > 1e-4          # the context changes the scores...
     torch.testing.assert_close(same[0], same[1])     # ...and the same context gives u = 0
+
+
+def test_scores_are_of_the_sampling_temperature(small_model):
+    """Student (whole rows, shared prompts, eval mode) and teacher (log-prob and entropy) scores at T = 0.7
+    are log_softmax(logits / 0.7) at the sampled tokens, not the untempered ones."""
+    prompts, responses = [[1, 2, 3], [1, 2, 3], [4, 5]], [[11, 12, 13], [14], [15, 16]]
+    packed = pack_sequences(prompts, responses, pad_id=0, device="cpu")
+    with torch.no_grad():
+        want, want_entropy = naive_logprobs(small_model, prompts, responses, temperature=0.7)
+        untempered, _ = naive_logprobs(small_model, prompts, responses)
+        whole, _ = token_logprobs(small_model, *packed, chunk_rows=2, temperature=0.7)
+        shared = scoring.SharedPromptScores(small_model, prompts, 0, "cpu").logprobs([0, 1, 2], responses, 0, 2, 0.7)
+        evaluated = scoring.eval_mode_logprobs(small_model, *packed, chunk_rows=2, temperature=0.7)
+        teacher, entropy = teacher_scores(small_model, prompts, responses, 0, "cpu", 2, 2, temperature=0.7)
+        at_one, _ = token_logprobs(small_model, *packed, chunk_rows=2, temperature=1.0)
+    for i, r in enumerate(responses):
+        for got in (whole[i, :len(r)], shared[i, :len(r)], evaluated[i, :len(r)], teacher[i]):
+            torch.testing.assert_close(got, want[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy[i], want_entropy[i], atol=1e-5, rtol=1e-5)
+        assert (whole[i, :len(r)] - untempered[i]).abs().max() > 1e-3
+        torch.testing.assert_close(at_one[i, :len(r)], untempered[i], atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():  # the gradient path (checkpointed chunks) is tempered too
+        small_model.zero_grad()
+        logp, _ = token_logprobs(small_model, *packed, chunk_rows=2, temperature=0.7)
+        torch.testing.assert_close(logp[0, :3].detach(), want[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -148,7 +148,7 @@ def test_training_with_stand_in_vllm(tmp_path, monkeypatch):
                                                         "--output_dir", str(tmp_path)]))
     engine = vllm_stand_in.engines[0]
     assert engine.kwargs["enable_sleep_mode"] and engine.kwargs["distributed_executor_backend"] == "external_launcher"
-    assert engine.kwargs["dtype"] == "float32" and engine.kwargs["logprobs_mode"] == "raw_logprobs"
+    assert engine.kwargs["dtype"] == "float32" and engine.kwargs["logprobs_mode"] == "processed_logprobs"
     calls = [name for name, _ in events if name != "load_weights"]
     step = ["wake_up", "reset_prefix_cache", "wake_up", "generate", "sleep", "teacher", "update"]
     assert calls == ["sleep"] + step + step  # starts asleep; scoring and update while it sleeps

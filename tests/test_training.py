@@ -96,7 +96,7 @@ def test_gradient_checkpointing_and_shared_prompts_give_the_same_steps(tmp_path,
 
 
 def test_bf16_runs_and_saves_the_final_model_in_bf16(tmp_path):
-    run_script(FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "2", "--save_steps", "0", "--bf16",
+    run_script(FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "1", "--save_steps", "0", "--bf16",
                        "--output_dir", str(tmp_path)])
     assert all(math.isfinite(r["u/mean"]) and math.isfinite(r["grad_norm"]) for r in read_metrics(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
@@ -140,11 +140,14 @@ def straight_and_resumed_runs(tmp_path: Path, monkeypatch, args: list[str]) -> N
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
-    straight_and_resumed_runs(tmp_path, monkeypatch, FAST + ["--method", "antisd", "--max_steps", "4", "--save_steps", "2"])
+    # with both guards on: the gate's closed_by state and the group weights survive the resume too
+    straight_and_resumed_runs(tmp_path, monkeypatch, FAST + ["--method", "antisd", "--max_steps", "4", "--save_steps", "2",
+                                                             "--gate_close_above", "1.5", "--group_signal", "bernoulli"])
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "broken")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):
-        for key in ("reward/mean", "gate/lambda", "teacher/entropy_median", "u/mean", "loss", "length/mean"):
+        for key in ("reward/mean", "gate/lambda", "gate/closed_by", "signal/group_weight_mean", "teacher/entropy_median",
+                    "u/mean", "loss", "length/mean"):
             assert a[key] == b[key], (a["step"], key)
     weights_a = load_file(tmp_path / "straight" / "model.safetensors")
     weights_b = load_file(tmp_path / "broken" / "model.safetensors")
@@ -178,9 +181,12 @@ def test_config_file_cli_overrides_and_validation(tmp_path):
 
 
 def test_release_preset_is_a_layer_of_defaults_under_recipes_and_flags(tmp_path):
-    assert parse_config([]).gate_reopen_ratio == 1.0
+    paper = parse_config([])
+    assert (paper.gate_reopen_ratio, paper.dataset_solution_fallback, paper.group_signal, paper.gate_close_above) == (1.0, True, "all", 0)
     released = parse_config(["--preset", "release"])
-    assert (released.gate, released.gate_reopen_ratio) == ("release", 1.07)
+    assert (released.gate, released.gate_reopen_ratio, released.dataset_solution_fallback) == ("release", 1.07, False)
+    assert parse_config(["--gate", "release"]).gate_reopen_ratio == 1.07  # the released controller's re-open, preset or not
+    assert parse_config(["--gate", "release", "--gate_reopen_ratio", "1.0"]).gate_reopen_ratio == 1.0
     assert parse_config(["--preset", "release", "--gate", "none"]).gate == "none"
     for flag in ("--gate_reopen_ratio", "--gate-reopen-ratio"):  # a flag always wins, in either spelling
         assert parse_config(["--preset", "release", flag, "1.02"]).gate_reopen_ratio == 1.02
@@ -191,6 +197,68 @@ def test_release_preset_is_a_layer_of_defaults_under_recipes_and_flags(tmp_path)
     assert parse_config(["--config", str(recipe), "--preset", "release"]).gate_reopen_ratio == 1.04
     recipe.write_text("preset: release\n")
     assert parse_config(["--config", str(recipe)]).gate_reopen_ratio == 1.07
+
+
+def test_release_length_mask_follows_the_budget():
+    """The released launcher drops the signal of responses >= 12000 of its 16384 tokens: on a 128-token
+    budget that is >= 93.75, i.e. 94 tokens."""
+    cfg = parse_config(["--preset", "release", "--max_new_tokens", "128"])
+    assert cfg.release_max_response_tokens == 94
+    assert parse_config(["--preset", "release"]).release_max_response_tokens == 94  # 128: the default budget
+    assert parse_config(["--gate", "release", "--max_new_tokens", "16384"]).release_max_response_tokens == 12000
+    assert parse_config(["--preset", "release", "--release_max_response_tokens", "50"]).release_max_response_tokens == 50
+    gate = train_antisd.make_gate(cfg)
+    gate.sigma_ref = 10.0
+    u = torch.linspace(-1, 1, 94).repeat(2, 1)
+    mask = torch.ones(2, 94)
+    mask[1, 93] = 0  # 93 tokens
+    out = gate.signal(u, mask, "antisd")
+    assert out[0].abs().sum() == 0 and out[1].abs().sum() > 0
+
+
+def test_release_preset_shows_feedback_only_without_another_correct_rollout():
+    """Under the preset a sole correct rollout and an all-wrong group see no solution (the released code
+    has no dataset fallback); the paper's default shows the dataset's solution there."""
+    from generation import Samples
+    from transformers import AutoTokenizer
+
+    from models import EMBEDDED_MODELS
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODELS["tiny"][0])
+    rows = [{"problem": "P0", "solution": "REFERENCE-0"}, {"problem": "P1", "solution": "REFERENCE-1"}]
+    texts = ["right \\boxed{1}", "wrong \\boxed{2}", "wrong \\boxed{3}", "wrong \\boxed{4}", "w", "w", "w", "w"]
+    rollout = Samples([[1]] * 8, [[2]] * 8, [False] * 8, texts)
+    rewards = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # group 0: one correct rollout; group 1: all wrong
+
+    def shown(preset: str) -> list[str]:
+        cfg = parse_config(["--preset", preset, "--group_size", "4"])
+        ids = train_antisd.teacher_prompts(cfg, tokenizer, 0, 0, rows, ["P0", "P1"], [0, 1], rollout, rewards)
+        return [tokenizer.decode(i) for i in ids]
+
+    released = shown("release")
+    assert "previous attempt" not in released[0] and "Your answer is correct." in released[0]  # feedback only
+    assert all("right" in t and "Your answer is incorrect." in t for t in released[1:4])   # the sole correct one
+    assert all("previous attempt" not in t and "REFERENCE" not in t for t in released[4:])  # all wrong: feedback only
+    paper = shown("paper")
+    assert "REFERENCE-0" in paper[0] and all("REFERENCE-1" in t for t in paper[4:])
+
+
+def test_group_signal_mixed_leaves_no_signal_when_every_rollout_scores_the_same(tmp_path):
+    """A reward that is always 1 makes every group zero-std: under `mixed` the token signal is 0 there
+    (no bonus, no penalty); under `all` (the paper) it all lands in zero-std groups."""
+    (tmp_path / "always_right.py").write_text("def reward(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    runs = {}
+    for mode in ("mixed", "all"):
+        main(parse_config(FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "1", "--save_steps", "0",
+                                  "--reward_funcs", f"{tmp_path / 'always_right.py'}:reward", "--group_signal", mode,
+                                  "--truncated_completions", "mask",  # 'wrong' would score a truncated rollout 0
+                                  "--output_dir", str(tmp_path / mode)]))
+        runs[mode] = read_metrics(tmp_path / mode)
+    for row in runs["mixed"]:
+        assert row["reward/zero_std_groups"] == 1.0 and row["gate/lambda"] == 0.5 and row["signal/group_weight_mean"] == 0
+        assert row["signal/bonus_mass"] == 0 and row["signal/penalty_mass"] == 0 and row["signal/zero_std_bonus_share"] is None
+    for row in runs["all"]:
+        assert row["signal/bonus_mass"] > 0 and row["signal/zero_std_bonus_share"] == 1.0
 
 
 def test_help_lists_every_flag(capsys):

@@ -103,7 +103,8 @@ class LLM:
             ids, token_ids, logprobs = list(prompt["prompt_token_ids"]), [], []
             for position in range(params.max_tokens):
                 logits = model(torch.tensor([ids])).logits[0, -1].float()
-                logp = torch.log_softmax(logits, dim=-1)
+                assert self.kwargs["logprobs_mode"] == "processed_logprobs"  # after the temperature, as the trainer scores
+                logp = torch.log_softmax(logits / params.temperature, dim=-1)
                 token = int(torch.multinomial(torch.softmax(logits / params.temperature, dim=-1), 1, generator=generator))
                 ids.append(token)
                 token_ids.append(token)
