@@ -40,17 +40,18 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from checkpoints import latest_checkpoint, load_policy, model_dir, save_checkpoint, save_final_model
-from cli import parse_layered
+from antisd.checkpoints import latest_checkpoint, model_dir, save_checkpoint, save_final_model
+from antisd.model_loading import load_policy
+from antisd.cli import parse_layered
 from data.loading import default_instruction, load_math_dataset
-from distributed import gather_floats, make_accelerator, set_cpu_threads
-from evaluate import BENCH_CHOICES, EvalConfig, evaluate_during_training
-from generation import DECODINGS, DEFAULT_DECODING, Samples, chat_messages, chat_prompt_ids
-from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
-from model_card import push_to_hub, write_model_card
+from antisd.distributed import gather_floats, make_accelerator, set_cpu_threads
+from antisd.evaluation import BENCH_CHOICES, EvalConfig, evaluate_during_training
+from antisd.generation import DECODINGS, DEFAULT_DECODING, Samples, chat_messages, chat_prompt_ids
+from antisd.metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
+from antisd.model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
-from rollouts import ROLLOUT_BACKENDS, SamplingSettings, make_rollouts, rollout_seed
-from scoring import (SharedPromptScores, eval_mode_logprobs, has_dropout, length_sorted_batches, logit_chunk_rows,
+from antisd.rollouts import ROLLOUT_BACKENDS, SamplingSettings, make_rollouts, rollout_seed
+from antisd.scoring import (SharedPromptScores, eval_mode_logprobs, has_dropout, length_sorted_batches, logit_chunk_rows,
                      pack_sequences, shares_prompts, teacher_scores, token_logprobs)
 from verifiers.math import MathVerifier, last_boxed_span
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs, weighted_rewards

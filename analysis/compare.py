@@ -200,13 +200,14 @@ def eval_dir(out: Path, run: Run | None, seed: int, step: int, temperature: floa
 
 
 def evaluate_model(model: str, out_dir: str, flags: list[str], threads: int) -> None:
-    """evaluate.run on one model, its output in <out_dir>/eval.log (runs in a worker process)."""
+    """The evaluation core (antisd.evaluation.run) on one model, its output in <out_dir>/eval.log (runs in a worker process)."""
     import evaluate
+    from antisd.evaluation import run
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     args = evaluate.parse_config(["--model", model, "--output_dir", out_dir, "--num_threads", str(threads), *flags])
     with open(Path(out_dir) / "eval.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        evaluate.run(args)
+        run(args)
 
 
 def eval_flags(opts, cfg, seed: int, temperature: float) -> list[str]:

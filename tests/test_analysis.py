@@ -241,10 +241,10 @@ def test_token_classes():
 
 def test_pmi_on_the_tiny_model_matches_training(tmp_path):
     import train_antisd
-    from checkpoints import load_policy
-    from distributed import make_accelerator
-    from generation import Samples
-    from scoring import logit_chunk_rows, teacher_scores
+    from antisd.model_loading import load_policy
+    from antisd.distributed import make_accelerator
+    from antisd.generation import Samples
+    from antisd.scoring import logit_chunk_rows, teacher_scores
 
     out = tmp_path / "pmi"
     run_module("analysis.pmi", ["--model", "tiny", "--dataset", "arith", "--num_problems", "4", "--output_dir", str(out),

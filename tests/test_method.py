@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import scoring
+from antisd import scoring
 from train_antisd import GATES
-from scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
+from antisd.scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
 from train_antisd import (
     ConstantLambda, EntropyGate, ReleaseController, TeacherStats, make_gate, pmi_signal, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
     group_signal_weights, grpo_advantages, jsd_phi, loss_weights, ppo_clip_loss, teacher_user_message, token_signal,
@@ -459,7 +459,7 @@ def test_logit_chunks_are_sized_by_a_memory_budget():
 
 
 def test_generate_calls_are_sized_by_a_kv_token_budget():
-    from generation import token_budget_batches
+    from antisd.generation import token_budget_batches
 
     lengths = [10, 30, 20, 5, 50, 40]
     batches = token_budget_batches(lengths, max_new_tokens=50, batch_size=4, max_tokens=200)

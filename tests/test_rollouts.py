@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import train_antisd
-from generation import chat_messages, chat_prompt_ids, pad_batch
-from rollouts import SamplingSettings, TransformersRollouts, VLLMRollouts, make_rollouts, rollout_seed
+from antisd.generation import chat_messages, chat_prompt_ids, pad_batch
+from antisd.rollouts import SamplingSettings, TransformersRollouts, VLLMRollouts, make_rollouts, rollout_seed
 from tests import vllm_stand_in
 
 importlib_find_spec = importlib.util.find_spec
@@ -23,7 +23,7 @@ FAST = ["--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "12"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from checkpoints import load_policy
+    from antisd.model_loading import load_policy
 
     model, tokenizer = load_policy("tiny", gradient_checkpointing=False)
     prompts = [chat_prompt_ids(tokenizer, chat_messages(q)) for q in ("What is 2 + 3?", "Tom has 7 apples and eats 2.")]
@@ -188,7 +188,7 @@ def test_truncated_is_weights():
 def test_is_weights_scale_the_policy_gradient(tiny, log_ratio, factor):
     """A uniform sampler mismatch scales loss and gradient by the (capped) ratio; none leaves them as they were."""
     from accelerate import Accelerator
-    from scoring import logit_chunk_rows, pack_sequences, token_logprobs
+    from antisd.scoring import logit_chunk_rows, pack_sequences, token_logprobs
     from transformers import get_scheduler
 
     model, tokenizer, prompts = tiny

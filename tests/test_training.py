@@ -219,7 +219,7 @@ def test_release_length_mask_follows_the_budget():
 def test_release_preset_shows_feedback_only_without_another_correct_rollout():
     """Under the preset a sole correct rollout and an all-wrong group see no solution (the released code
     has no dataset fallback); the paper's default shows the dataset's solution there."""
-    from generation import Samples
+    from antisd.generation import Samples
     from transformers import AutoTokenizer
 
     from models import EMBEDDED_MODELS
@@ -335,7 +335,8 @@ def test_two_process_ddp_on_cpu_and_its_checkpoint_loads_whole(tmp_path):
     final = load_file(tmp_path / "model.safetensors")
     checkpoint = tmp_path / "checkpoint-2"
     # --init_from and evaluate.py read every weight of the DDP checkpoint folder (a partial load raises)
-    from checkpoints import load_causal_lm, model_dir
+    from antisd.checkpoints import model_dir
+    from antisd.model_loading import load_causal_lm
 
     loaded = load_causal_lm(model_dir(str(checkpoint), tmp_path / "scratch")).state_dict()
     assert all(torch.equal(loaded[k], final[k]) for k in final)
@@ -352,7 +353,8 @@ def test_checkpoint_folders_load_whole_or_not_at_all(tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from checkpoints import CheckpointError, load_causal_lm, model_dir
+    from antisd.checkpoints import model_dir
+    from antisd.model_loading import CheckpointError, load_causal_lm
 
     tiny = REPO / "models" / "tiny-qwen3"
     weights = load_file(tiny / "model.safetensors")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from distributed import gather_floats, peak_memory_gib
+from antisd.distributed import gather_floats, peak_memory_gib
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:

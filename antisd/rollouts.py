@@ -28,8 +28,8 @@ from typing import Protocol
 
 import torch
 
-from distributed import full_parameters, full_weights_for_generation
-from generation import DEFAULT_DECODING, Samples, eos_token_ids, sample
+from antisd.distributed import full_parameters, full_weights_for_generation
+from antisd.generation import DEFAULT_DECODING, Samples, eos_token_ids, sample
 
 ROLLOUT_BACKENDS = ("transformers", "vllm")
 VLLM_VERSIONS = "==0.25.1"  # requirements-vllm.txt: the version whose source these calls were checked against
