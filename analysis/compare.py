@@ -22,9 +22,9 @@ Layout of --output_dir (every step resumes: finished runs and evaluations are ne
   `metrics.jsonl` has --max_steps rows; any other run folder is continued with `--resume`. --parallel runs
   (and evaluations) go at once, the CPU cores split between them.
 - `eval/<arm>-seed<seed>/step<k>-T<t>/` and `eval/init-seed<seed>/T<t>/` (the untrained model, shared by
-  the arms of a seed): evaluate.py's own `run` on the held-out split, at the training temperature
-  (and top-p) and at 0.6 (top-p 0.95, evaluate.py's defaults), seeded by the run's seed; its
-  `results.json` is the cache.
+  the arms of a seed): the evaluation core's `run` (antisd/evaluation.py, what evaluate.py runs) on the
+  held-out split, at the training temperature (and top-p) and at 0.6 (top-p 0.95, evaluate.py's
+  defaults), seeded by the run's seed; its `results.json` is the cache.
 - `summary.json` (every number of the report, per seed and aggregated), `report.md`, and plots:
   `reward.png` (training reward, smoothed, mean +- sd over seeds), `heldout.png` (avg@n over steps),
   `teacher_gate.png` (teacher entropy, share of seeds with the gate open), `length.png` (response
@@ -186,7 +186,7 @@ def train(run: Run, command: list[str]) -> None:
 
 
 # =====================================================================================
-# Held-out evaluation (evaluate.py's own functions, in long-lived worker processes)
+# Held-out evaluation (the evaluation core's functions, in long-lived worker processes)
 # =====================================================================================
 def temperature_key(temperature: float) -> str:
     return f"T{temperature:g}"
@@ -200,7 +200,7 @@ def eval_dir(out: Path, run: Run | None, seed: int, step: int, temperature: floa
 
 
 def evaluate_model(model: str, out_dir: str, flags: list[str], threads: int) -> None:
-    """The evaluation core (antisd.evaluation.run) on one model, its output in <out_dir>/eval.log (runs in a worker process)."""
+    """The evaluation core (antisd.evaluation.run) on one model, its output in <out_dir>/eval.log (in a worker process)."""
     import evaluate
     from antisd.evaluation import run
 

@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from antisd.adapters import is_peft_model, merge_adapter, save_adapter
 from antisd.model_loading import is_adapter_dir
@@ -26,6 +28,7 @@ from antisd.model_loading import is_adapter_dir
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FSDP_SHARDS = "pytorch_model_fsdp_0"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+logger = logging.getLogger("antisd")
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -41,6 +44,30 @@ def checkpoint_step(path: Path) -> int:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return (complete_checkpoints(output_dir) or [None])[-1]
+
+
+def prepare_output_dir(accelerator, output_dir: Path, config: dict, resume: bool) -> Path | None:
+    """The checkpoint a --resume continues from (None: a fresh start); the main process creates the
+    folder and writes the run's config.yaml (without `resume`, so the saved config can be resumed)."""
+    resume_from = latest_checkpoint(output_dir) if resume else None
+    if resume and resume_from is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "resume"},
+                                                               sort_keys=False))
+        logger.info("config:\n%s", yaml.safe_dump(config, sort_keys=False))
+    return resume_from
+
+
+def load_checkpoint(accelerator, folder: Path, gate) -> int:
+    """accelerate state (model, optimizer, scheduler, RNG) and the gate's state restored from `folder`;
+    returns its step."""
+    accelerator.load_state(str(folder))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    gate.load_state_dict(state["controller"])
+    logger.info("resumed from %s at step %d", folder, state["step"])
+    return state["step"]
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, trainer_state: dict, keep: int) -> None:

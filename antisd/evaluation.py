@@ -531,6 +531,15 @@ def run_checkpoints(args) -> list[dict]:
     return rows
 
 
+def training_eval_config(cfg) -> EvalConfig:
+    """The evaluation of train_antisd.py's --eval_steps: its bench, n and limit, evaluate.py's sampling
+    defaults (T=0.6, top-p 0.95), and the training run's budget, seed, prompts and decoding."""
+    return EvalConfig(bench=cfg.eval_bench, model=cfg.model, output_dir=str(Path(cfg.output_dir) / "eval"), n=cfg.eval_n,
+                      limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_prompt=cfg.system_prompt,
+                      enable_thinking=cfg.enable_thinking, num_workers=cfg.verifier_workers,
+                      transformers_decoding=cfg.transformers_decoding)
+
+
 def evaluate_during_training(accelerator, model, tokenizer, args, step: int, log_path: Path) -> dict:
     """`run` on the training policy's current weights (FSDP2 shards gathered) on the main process, the
     others waiting; torch's RNG state is restored afterwards, so the training steps are the same as

@@ -57,6 +57,17 @@ class RolloutBackend(Protocol):
         """After generate: the sampler's memory freed for scoring and the update."""
 
 
+def generate_for_step(rollouts: RolloutBackend, model, prompt_ids: list[list[int]], settings: SamplingSettings,
+                      seed: int) -> Samples:
+    """One training step's rollouts: the policy's latest weights pushed into the sampler (vLLM), which is
+    woken to generate and put back to sleep, freeing its memory for teacher scoring and the update."""
+    rollouts.load_weights(model)
+    rollouts.wake()
+    samples = rollouts.generate(prompt_ids, settings, seed=seed)
+    rollouts.sleep()
+    return samples
+
+
 def rollout_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one process's rollouts of one step: runs, steps and processes sample apart."""
     return seed * 1_000_003 + step * 1009 + rank

@@ -2,6 +2,7 @@
 
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -98,12 +99,12 @@ def test_release_controller():
     mean = sum(d) / 3
     std = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
     ctrl.max_response_tokens = 4
-    out = ctrl.signal(u, mask, "antisd")
+    out = ctrl.signal(u, mask, partial(token_signal, method="antisd"))
     assert out[0, :3].tolist() == pytest.approx([(x - mean) / std for x in d], rel=1e-5)
     assert out[0, 2] != 0 and out[0, 3] == 0  # the outlier carries (0 - mean) / std; padding stays 0
     assert out[1].tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0], rel=1e-5)  # +-1: two tokens z-scored
     ctrl.max_response_tokens = 3  # the length mask is >= (as the released dp_actor): 3 tokens dropped, 2 kept
-    out = ctrl.signal(u, mask, "antisd")
+    out = ctrl.signal(u, mask, partial(token_signal, method="antisd"))
     assert out[0].abs().sum() == 0 and out[2].abs().sum() == 0 and out[1].abs().sum() > 0
 
 

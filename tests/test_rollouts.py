@@ -1,4 +1,4 @@
-"""The rollout interface (rollouts.py): the transformers backend against a direct seeded `generate`,
+"""The rollout interface (antisd/rollouts.py): the transformers backend against a direct seeded `generate`,
 the vLLM backend against a stand-in engine (tests/vllm_stand_in.py) inside real training steps,
 and truncated importance sampling in the update."""
 
@@ -13,6 +13,7 @@ import torch
 
 import train_antisd
 from antisd.generation import chat_messages, chat_prompt_ids, pad_batch
+from antisd.policy_reads import truncated_is_weights
 from antisd.rollouts import SamplingSettings, TransformersRollouts, VLLMRollouts, make_rollouts, rollout_seed
 from tests import vllm_stand_in
 
@@ -178,10 +179,10 @@ def test_truncated_is_weights():
     trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
     sampler = torch.tensor([[-1.0, -2.0 - math.log(5), -3.0 + math.log(2)], [-0.5, -0.5, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    weights, ratio = train_antisd.truncated_is_weights(trainer, sampler, mask, cap=3.0)
+    weights, ratio = truncated_is_weights(trainer, sampler, mask, cap=3.0)
     assert ratio.flatten().tolist() == pytest.approx([1.0, 5.0, 0.5, 1.0, 1.0, 1.0])
     assert weights.flatten().tolist() == pytest.approx([1.0, 3.0, 0.5, 1.0, 1.0, 1.0])
-    assert train_antisd.truncated_is_weights(trainer, sampler, mask, cap=0)[0].tolist() == [[1.0] * 3] * 2
+    assert truncated_is_weights(trainer, sampler, mask, cap=0)[0].tolist() == [[1.0] * 3] * 2
 
 
 @pytest.mark.parametrize("log_ratio,factor", [(math.log(0.5), 0.5), (math.log(4.0), 3.0)])

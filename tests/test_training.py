@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_antisd
-from train_antisd import Config, latest_checkpoint, main, parse_config
+from antisd import policy_reads
+from antisd.checkpoints import latest_checkpoint
+from train_antisd import Config, main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--prompts_per_step", "2", "--group_size", "4", "--max_new_tokens", "40", "--gate_warmup_steps", "1",
@@ -79,11 +81,11 @@ def test_gradient_checkpointing_and_shared_prompts_give_the_same_steps(tmp_path,
 
     monkeypatch.setattr(Qwen3MLP, "forward", counting_forward)
     args = FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "2", "--save_steps", "0"]
-    counts, shares = {}, train_antisd.shares_prompts
+    counts, shares = {}, policy_reads.shares_prompts
     # plain: prompts read once per group (scoring.SharedPromptScores); whole: every row read whole, as
     # checkpointing does (it refuses the prompts' KV cache)
     for name, extra in (("plain", []), ("whole", []), ("checkpointed", ["--gradient_checkpointing"])):
-        monkeypatch.setattr(train_antisd, "shares_prompts", (lambda *_: False) if name == "whole" else shares)
+        monkeypatch.setattr(policy_reads, "shares_prompts", (lambda *_: False) if name == "whole" else shares)
         grad_calls.clear()
         main(parse_config(args + extra + ["--output_dir", str(tmp_path / name)]))
         counts[name] = sum(grad_calls)
