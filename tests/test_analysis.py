@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.compare import (Run, eval_dir, paired_difference, parse_args, parse_arm, report_markdown, run_state,
-                              second_half_steps, sign_test_p, summarize_study, t_interval, training_command)
+from analysis.compare import (Run, eval_dir, parse_args, parse_arm, run_state, second_half_steps, summarize_study,
+                              training_command)
+from analysis.study_report import paired_difference, report_markdown, sign_test_p, t_interval
 from analysis.pmi import token_classes
 
 REPO = Path(__file__).resolve().parents[1]
