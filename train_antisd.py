@@ -11,47 +11,46 @@ switches it off when the teacher grows too sure of itself.
         --config configs/qwen3_8b_antisd.yaml --output_dir runs/qwen3-8b  # real scale
 
 Reading order, and where to edit: 1. Config (a flag is a field) -> 2. Method (the signal, the
-advantages, the gates, the loss: change the algorithm here) -> 3. Privileged context (what the
+advantages, the gate choice, the loss: change the algorithm here) -> 3. Privileged context (what the
 teacher is shown) -> 4. One training step, phase by phase -> 5. main(): data -> rollout -> reward
 -> privileged context -> teacher scoring -> signal + gate -> update -> log/checkpoint.
-Systems code lives beside this file and is not for method edits: scoring.py (chunked sampled-token
-scoring), distributed.py (accelerator, precision, gathered generation), checkpoints.py, rollouts.py
-(transformers or vLLM rollouts) and generation.py, prompts.py (every text the model reads). Importing this file does no work.
+Beside it: prompts.py (every text the model reads, the teacher prompt included), antisd/gates.py (the
+gates: EntropyGate, ReleaseController) and the machinery in antisd/, not for method edits (scoring,
+rollouts, distributed, checkpoints, model loading, metrics, evaluation). Importing this file does no work.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import random
-import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from checkpoints import latest_checkpoint, load_policy, model_dir, save_checkpoint, save_final_model
-from cli import parse_layered
+from antisd.checkpoints import load_checkpoint, model_dir, prepare_output_dir, save_checkpoint, save_final_model
+from antisd.cli import parse_layered
+from antisd.distributed import gather_floats, make_accelerator, set_cpu_threads
+from antisd.evaluation import BENCH_CHOICES, evaluate_during_training, training_eval_config
+from antisd.gates import ConstantLambda, EntropyGate, Gate, ReleaseController, TeacherStats
+from antisd.generation import DECODINGS, DEFAULT_DECODING, Samples, chat_messages, chat_prompt_ids
+from antisd.metrics import SignalLog, drop_steps_after, log_completions, phase, step_metrics, write_step
+from antisd.model_card import finish_run
+from antisd.model_loading import load_policy
+from antisd.policy_reads import PolicyReads
+from antisd.rollouts import ROLLOUT_BACKENDS, SamplingSettings, generate_for_step, make_rollouts, rollout_seed
+from antisd.scoring import logit_chunk_rows, teacher_scores
 from data.loading import default_instruction, load_math_dataset
-from distributed import gather_floats, make_accelerator, set_cpu_threads
-from evaluate import BENCH_CHOICES, EvalConfig, evaluate_during_training
-from generation import DECODINGS, DEFAULT_DECODING, Samples, chat_messages, chat_prompt_ids
-from metrics import drop_steps_after, log_completions, plot_metrics, step_metrics
-from model_card import push_to_hub, write_model_card
 from prompts import answer_feedback, teacher_user_message, user_prompt
-from rollouts import ROLLOUT_BACKENDS, SamplingSettings, make_rollouts, rollout_seed
-from scoring import (SharedPromptScores, eval_mode_logprobs, has_dropout, length_sorted_batches, logit_chunk_rows,
-                     pack_sequences, shares_prompts, teacher_scores, token_logprobs)
 from verifiers.math import MathVerifier, last_boxed_span
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs, weighted_rewards
 
@@ -168,7 +167,7 @@ class Config:
     lora_target_modules: list[str] | None = arg(None, "Modules that get adapters; default: peft's for the architecture; all-linear.")
     load_in_4bit: bool = arg(False, "QLoRA: the frozen base in 4-bit NF4 (needs bitsandbytes and a CUDA GPU).")
     merge_adapter: bool = arg(False, "Also save the adapter merged into its base as a full model in <output_dir>/merged.")
-    # --- evaluation during training (evaluate.py's own code, on the main process)
+    # --- evaluation during training (the evaluation core evaluate.py runs, on the main process)
     eval_steps: int = arg(0, "Evaluate every N steps (0: never) into <output_dir>/eval.jsonl and the trackers.")
     eval_bench: str | None = arg(None, "Benchmark of --eval_steps (evaluate.py --bench), e.g. arith or aime2025.")
     eval_n: int = arg(4, "Samples per problem of --eval_steps (avg@n, pass@1 and pass@n).")
@@ -237,8 +236,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 # =====================================================================================
-# 2. Method: per-token signal, advantages, gates, loss (pure functions; tests import them).
-#    Edit here to change the algorithm: a new signal in token_signal, a new gate as a Gate.
+# 2. Method: per-token signal, advantages, the gate choice, loss (pure functions; tests import them).
+#    Edit here to change the algorithm: a new signal in token_signal; a new gate is a Gate (antisd/gates.py)
+#    that make_gate returns.
 # =====================================================================================
 LOG2 = math.log(2.0)
 
@@ -265,7 +265,7 @@ def pmi_signal(teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: tor
     """(u, delta): u = log pi_T - log pi_S of each sampled token (0 off the mask; the student taken as
     a constant) and the method's per-token signal of it, as the gate shapes it."""
     u = (teacher_logp - student_logp.detach()) * mask
-    return u, gate.signal(u, mask, method)
+    return u, gate.signal(u, mask, partial(token_signal, method=method))
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -304,173 +304,8 @@ def combine_advantages(seq_adv: torch.Tensor, signal: torch.Tensor, lam, mask: t
     return (seq_adv[:, None].to(signal.dtype) + lam * signal.detach()) * mask
 
 
-@dataclass
-class TeacherStats:
-    """What a gate reads each step, before the update."""
-    entropy_median: float | None  # median teacher entropy over every generated token of the step, all processes
-    seq_ppl: torch.Tensor  # teacher perplexity exp(-mean_t log pi_T) of each of this process's sequences
-
-
-def schmitt_trigger(is_open: bool, closed_by: str | None, value: float, close_below: float, reopen_at: float,
-                    close_above: float = math.inf) -> tuple[bool, str | None]:
-    """(open, why closed) after reading `value`: an open gate closes below `close_below` (the paper) or
-    above `close_above` (our guard, inf = off); a closed one re-opens once `reopen_at <= value <= close_above`."""
-    if is_open:
-        if value < close_below:
-            return False, "below"
-        return (False, "above") if value > close_above else (True, None)
-    return (True, None) if reopen_at <= value <= close_above else (False, closed_by)
-
-
-class Gate:
-    """How much of the token signal each sequence gets. Each step the loop calls `lambdas` (before
-    the update: one lambda per sequence), `signal` (inside the update: the per-token delta of u) and
-    `end_step` (after it, with the step's average teacher PPL, None when no sequence counts, and the
-    std of u over all processes). `open` is logged as gate/open (None: no gate), `closed_by` as
-    gate/closed_by (warmup, below, above); the state dict goes into checkpoints."""
-
-    open: bool | None = None
-    closed_by: str | None = None
-
-    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
-        raise NotImplementedError
-
-    def signal(self, u: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
-        return token_signal(u, method) * mask
-
-    def end_step(self, avg_ppl: float | None, u_std: float) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class ConstantLambda(Gate):
-    """No gate: the same lambda on every step (`--gate none`, and 0 for grpo)."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
-        return torch.full(stats.seq_ppl.shape, self.value)
-
-
-class EntropyGate(Gate):
-    """The paper's gate (Eq. 7): a Schmitt trigger on the median teacher entropy H of each step.
-
-    Steps 0..W-1 are pure GRPO (lambda 0) and record H; H_warm = their median. Then, with g = 1:
-    close when H < down_ratio * H_warm, re-open when H >= reopen_ratio * H_warm; lambda = g * lambda_max.
-    `close_above` R > 0 (our guard, not the paper's) also closes it while H > R * H_warm.
-    """
-
-    def __init__(self, warmup_steps: int = 5, down_ratio: float = 0.93, lambda_max: float = 0.5,
-                 reopen_ratio: float = 1.0, close_above: float = 0.0):
-        self.warmup_steps, self.down_ratio = warmup_steps, down_ratio
-        self.lambda_max, self.reopen_ratio, self.close_above = lambda_max, reopen_ratio, close_above
-        self.step, self.open, self.closed_by, self.h_warm, self.warmup_values = 0, False, "warmup", None, []
-
-    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
-        return torch.full(stats.seq_ppl.shape, self.update(stats.entropy_median))
-
-    def update(self, h: float) -> float:
-        """Record this step's H and return this step's lambda."""
-        step, self.step = self.step, self.step + 1
-        if step < self.warmup_steps:
-            self.warmup_values.append(float(h))
-            if step == self.warmup_steps - 1:
-                self.h_warm, self.open, self.closed_by = statistics.median(self.warmup_values), True, None
-            return 0.0
-        self.open, self.closed_by = schmitt_trigger(self.open, self.closed_by, h, self.down_ratio * self.h_warm,
-                                                    self.reopen_ratio * self.h_warm,
-                                                    self.close_above * self.h_warm if self.close_above else math.inf)
-        return self.lambda_max if self.open else 0.0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "open": self.open, "closed_by": self.closed_by, "h_warm": self.h_warm,
-                "warmup_values": list(self.warmup_values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.open, self.h_warm = state["step"], state["open"], state["h_warm"]
-        self.warmup_values = list(state["warmup_values"])
-        # checkpoints from before the guard have no closed_by
-        self.closed_by = state.get("closed_by", None if self.open else "warmup" if self.h_warm is None else "below")
-
-
-class ReleaseController(Gate):
-    """The authors' released controller (`--gate release`, the release preset), not the paper's gate.
-
-    Gate on teacher perplexity PPL_i = exp(-mean_t log pi_T) of each sequence, decided from the
-    previous step's average over sequences with PPL < 3 (a step without one has no average and leaves
-    the gate as it is); continuous per-sequence lambda; u zeroed beyond 2 sigma_ref (the mean warm-up
-    std of u), clamped, z-scored per sequence, clipped; responses at least `max_response_tokens` long
-    get no signal. `close_above` R > 0 (our guard) also closes it while the average > R * warm_median.
-    The warm-up lasts W steps, longer if none of them had an average.
-    """
-
-    PPL_CAP, U_CLAMP, Z_CLIP = 3.0, 5.0, 5.0
-
-    def __init__(self, warmup_steps: int = 5, down_ratio: float = 0.93, reopen_ratio: float = 1.07,
-                 lambda_max: float = 0.5, max_response_tokens: int = 12000, close_above: float = 0.0):
-        self.warmup_steps, self.down_ratio, self.reopen_ratio = warmup_steps, down_ratio, reopen_ratio
-        self.lambda_max, self.max_response_tokens, self.close_above = lambda_max, max_response_tokens, close_above
-        self.step, self.open, self.closed_by, self.prev_avg = 0, False, "warmup", None
-        self.warmup_ppl, self.warmup_u_std = [], []
-        self.warm_median = self.tau = self.sigma_ref = None
-
-    def lambdas(self, stats: TeacherStats) -> torch.Tensor:
-        """lambda_i for this step, before its update; the gate follows the previous step's average."""
-        ppl = stats.seq_ppl
-        if self.warm_median is None:
-            return torch.zeros_like(ppl)
-        if self.prev_avg is not None:
-            self.open, self.closed_by = schmitt_trigger(
-                self.open, self.closed_by, self.prev_avg, self.tau, self.reopen_ratio * self.warm_median,
-                self.close_above * self.warm_median if self.close_above else math.inf)
-        lam = (0.2 * torch.log(torch.clamp(ppl / self.tau, 0.5, 3.0))).clamp(0.0, self.lambda_max)
-        return torch.where((ppl > self.PPL_CAP) | (not self.open), torch.zeros_like(lam), lam)
-
-    def signal(self, u: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
-        """The release signal: outlier zeroing, clamp, phi, per-sequence z-score, clip, length mask.
-
-        As the released `dp_actor.py` (FloyedShen/AntiSD, `grpo_ca` branch) does it: an outlier's u is set
-        to 0 (so its signal is phi(0) = 0) and it stays in its sequence's mean and population std like
-        any response token, so after the z-score it carries (0 - mean) / std, not 0; std is clamped at 1e-6.
-        """
-        if self.sigma_ref is not None:
-            u = torch.where(u.abs() <= 2 * self.sigma_ref, u, torch.zeros_like(u))
-        signal = token_signal(u.clamp(-self.U_CLAMP, self.U_CLAMP), method) * mask
-        count = mask.sum(1, keepdim=True).clamp(min=1)
-        centered = (signal - signal.sum(1, keepdim=True) / count) * mask
-        std = (centered ** 2).sum(1, keepdim=True).div(count).sqrt().clamp(min=1e-6)
-        z = (centered / std).clamp(-self.Z_CLIP, self.Z_CLIP)
-        too_long = mask.sum(1, keepdim=True) >= self.max_response_tokens
-        return torch.where(too_long, torch.zeros_like(z), z)
-
-    def end_step(self, avg_ppl: float | None, u_std: float) -> None:
-        """Record the step's average PPL over its sequences with PPL < 3 (None: there were none) and the std of u."""
-        if self.warm_median is None:
-            if avg_ppl is not None:
-                self.warmup_ppl.append(avg_ppl)
-            self.warmup_u_std.append(u_std)
-            if self.step >= self.warmup_steps - 1 and self.warmup_ppl:
-                self.warm_median = statistics.median(self.warmup_ppl)
-                self.tau = max(self.down_ratio * self.warm_median, 1.01)
-                self.sigma_ref = statistics.fmean(self.warmup_u_std)
-                self.open, self.closed_by = True, None
-        self.prev_avg = avg_ppl
-        self.step += 1
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
-
-
 def make_gate(cfg: Config) -> Gate:
+    """The gate of --gate (antisd/gates.py); grpo has none (lambda 0)."""
     if cfg.method == "grpo":
         return ConstantLambda(0.0)
     if cfg.gate == "none":
@@ -499,15 +334,6 @@ def loss_weights(mask: torch.Tensor, aggregation: str, total_tokens: float, tota
     if aggregation == "token-mean":
         return mask / total_tokens
     return mask / mask.sum(1, keepdim=True).clamp(min=1) / total_seqs
-
-
-def truncated_is_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float):
-    """(weights, ratios): ratio = pi_trainer / pi_sampler of each sampled token (1 off the mask) and
-    the weight min(ratio, cap) that multiplies its policy-gradient term (TRL's token-level truncated
-    importance sampling). A sampler with its own kernels and precision (vLLM) samples from a slightly
-    different distribution than the trainer scores; cap 0 leaves the weights at 1."""
-    ratio = torch.exp((trainer_logp.detach() - sampler_logp) * mask)
-    return (ratio.clamp(max=cap) if cap else torch.ones_like(ratio)), ratio
 
 
 # =====================================================================================
@@ -597,6 +423,16 @@ def render_prompts(cfg: Config, tokenizer, rows: list[dict]) -> tuple[list[str],
     return prompts, [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
 
 
+def step_prompts(cfg: Config, step: int, rank: int, world: int, num_rows: int, orders: dict) -> list[int]:
+    """This process's rows of `step`: prompts [step*P, (step+1)*P) of a seeded order per epoch (cached in `orders`)."""
+    per_rank = cfg.prompts_per_step // world
+    first = step * cfg.prompts_per_step + rank * per_rank
+    for epoch in {i // num_rows for i in range(first, first + per_rank)} - orders.keys():
+        orders[epoch] = list(range(num_rows))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+    return [orders[i // num_rows][i % num_rows] for i in range(first, first + per_rank)]
+
+
 def rewards_and_advantages(cfg: Config, reward_funcs: dict, rollout: Samples, prompts: list[str], rows: list[dict]):
     """(rewards, GRPO sequence advantages, each reward function's rewards): the weighted sum of the
     reward functions (TRL signature; kwargs: prompts and the rows' columns); truncated completions
@@ -609,87 +445,92 @@ def rewards_and_advantages(cfg: Config, reward_funcs: dict, rollout: Samples, pr
     return rewards, grpo_advantages(torch.tensor(rewards), cfg.group_size), each
 
 
+def score_teacher(cfg: Config, accelerator, model, tokenizer, chunk_rows: int, step: int, rows: list[dict], prompts: list[str],
+                  batch_rows: list[int], rollout: Samples, rewards: list[float]) -> tuple[list, list]:
+    """(log pi_T of each response token, the teacher's entropies): the same weights re-read each response
+    after its privileged context, no grad (none for grpo)."""
+    if cfg.method == "grpo":
+        return [None] * len(rollout.completion_ids), []
+    device = accelerator.device
+    return teacher_scores(model, teacher_prompts(cfg, tokenizer, step, accelerator.process_index, rows, prompts, batch_rows,
+                                                 rollout, rewards),
+                          rollout.completion_ids, tokenizer.pad_token_id, device, cfg.score_batch_size, chunk_rows,
+                          agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()),
+                          temperature=cfg.temperature)
+
+
+def teacher_stats(accelerator, teacher_logp: list, teacher_entropy: list, completion_ids: list[list[int]]) -> TeacherStats:
+    """What the gate reads before the update: the median teacher entropy over every token of all processes,
+    and each sequence's teacher perplexity exp(-mean_t log pi_T) (NaN without a teacher)."""
+    entropy = gather_floats(accelerator, torch.cat(teacher_entropy) if teacher_entropy else torch.zeros(0))
+    seq_ppl = torch.tensor([math.exp(-(tl.sum() / max(len(c), 1)).item()) if tl is not None else float("nan")
+                            for tl, c in zip(teacher_logp, completion_ids)])
+    return TeacherStats(entropy.median().item() if entropy.numel() else None, seq_ppl)
+
+
+def end_gate_step(accelerator, gate: Gate, seq_ppl: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """After the update the gate learns the step's average teacher PPL (sequences with PPL < 3, all
+    processes; None when there is none) and the std of u; returns u of all processes."""
+    u_all = gather_floats(accelerator, u)
+    finite = seq_ppl[torch.isfinite(seq_ppl) & (seq_ppl < ReleaseController.PPL_CAP)]
+    ppl_sum = accelerator.reduce(torch.tensor([finite.sum().item(), float(finite.numel())], device=accelerator.device), "sum")
+    gate.end_step((ppl_sum[0] / ppl_sum[1]).item() if ppl_sum[1] > 0 else None, u_all.std().item() if u_all.numel() > 1 else 0.0)
+    return u_all
+
+
+def trainer_state(cfg: Config, gate: Gate, step: int) -> dict:
+    """What a checkpoint holds beside accelerate's state: the data position and the gate."""
+    return {"next_prompt": step * cfg.prompts_per_step, "controller": gate.state_dict()}
+
+
 def update_policy(cfg: Config, accelerator, model, optimizer, scheduler, gate: Gate, rollout: Samples, pad_id: int,
                   teacher_logp: list, seq_adv: torch.Tensor, seq_lambda: torch.Tensor, chunk_rows: int) -> dict:
-    """PPO-clip on A_t = A_seq + lambda * delta_t, token-mean over the whole batch of all processes.
-
-    The first pass over each micro-batch is the behaviour policy (parameters have not moved), so
-    its log-probs are the student's log pi_S for u and the old log-probs for the ratio; every score is at
-    the sampling temperature. `seq_lambda` is each sequence's lambda (gate x group weight). A model with
-    dropout (LoRA dropout) takes them from a no-grad eval-mode pass instead, so u carries no dropout noise.
-    When the sampler returned its own log-probs (vLLM), each token's term is weighted by the truncated
-    importance ratio pi_trainer / pi_sampler against that small mismatch.
-    """
+    """PPO-clip on A_t = A_seq + lambda * delta_t, token-mean over the whole batch of all processes; `seq_lambda`
+    is each sequence's lambda (gate x group weight). How the policy is read (micro-batches, shared prompts,
+    the behaviour log-probs, importance weights against a sampler's own log-probs): antisd.policy_reads."""
     device, world = accelerator.device, accelerator.num_processes
-    n_seq = len(rollout.completion_ids)
-    trained = ~torch.tensor(rollout.truncated) if cfg.truncated_completions == "mask" else torch.ones(n_seq, dtype=torch.bool)
+    reads = PolicyReads(accelerator, model, rollout, pad_id, cfg.micro_batch_size, chunk_rows, cfg.temperature,
+                        cfg.importance_sampling_cap)
+    trained = ~torch.tensor(rollout.truncated) if cfg.truncated_completions == "mask" else torch.ones(len(rollout.truncated), dtype=torch.bool)
     resp_lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
     total_tokens = accelerator.reduce((resp_lens * trained).sum().to(device), "sum").clamp(min=1)
     total_seqs = accelerator.reduce(trained.sum().float().to(device), "sum").clamp(min=1)
-    # the G rollouts of a prompt share its forward where the model allows (scoring.SharedPromptScores): then
-    # only response lengths pad a micro-batch; token-mean weights make the grouping irrelevant
-    shared = shares_prompts(model, world) and min(map(len, rollout.prompt_ids)) > 1
-    micro_batches = length_sorted_batches([len(c) + (0 if shared else len(p)) for p, c in
-                                           zip(rollout.prompt_ids, rollout.completion_ids)], cfg.micro_batch_size)
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-    old_logp, u_values, stats = {}, [], {"loss": 0.0, "clipped": 0.0, "bonus": 0.0, "penalty": 0.0}
-    is_weights, is_values = {}, []  # per micro-batch; (ratio, weight) of each trained token
-    seq_u_mean, seq_bonus = torch.full((n_seq,), math.nan), torch.zeros(n_seq)
-    grad_norm, skipped, noisy = None, False, has_dropout(model)
+    old_logp, is_weights, signals, loss_sum, clipped_sum = {}, {}, SignalLog(len(trained)), 0.0, 0.0
+    grad_norm, skipped = None, False
     for epoch in range(cfg.ppo_epochs):
-        shared_prompts = SharedPromptScores(model, rollout.prompt_ids, pad_id, device) if shared else None  # this epoch's weights
-        temperature = cfg.temperature
-        for k, idx in enumerate(micro_batches):
-            responses = [rollout.completion_ids[i] for i in idx]
-            packed = pack_sequences([rollout.prompt_ids[i] for i in idx], responses, pad_id, device)
-            mask = packed[-1]
-            if epoch == 0 and noisy:
-                old_logp[k] = eval_mode_logprobs(model, *packed, chunk_rows, temperature)
-            with nullcontext() if k == len(micro_batches) - 1 else accelerator.no_sync(model):  # sync on the last
-                logp = (shared_prompts.logprobs(idx, responses, pad_id, chunk_rows, temperature) if shared
-                        else token_logprobs(model, *packed, chunk_rows, temperature=temperature)[0])
-                if epoch == 0 and not noisy:
-                    old_logp[k] = logp.detach()
-                if epoch == 0 and rollout.sampler_logprobs is not None:  # a sampler with its own log-probs (vLLM)
-                    s_logp = torch.nn.utils.rnn.pad_sequence([torch.tensor(rollout.sampler_logprobs[i]) for i in idx],
-                                                             batch_first=True).to(device)
-                    is_weights[k], ratio = truncated_is_weights(old_logp[k], s_logp, mask, cfg.importance_sampling_cap)
-                    on = mask.bool() & trained[idx].to(device)[:, None]
-                    is_values.append(torch.stack([ratio[on], is_weights[k][on]]))
+        reads.start_epoch()
+        for k, idx in enumerate(reads.micro_batches):
+            packed = reads.pack(idx)
+            mask, rows_trained = packed[-1], trained[idx].to(device)[:, None]
+            behaviour = reads.eval_mode_logprobs(packed) if epoch == 0 else None  # None without dropout
+            with reads.gradient_sync(k):
+                logp = reads.logprobs(idx, packed)
+                if epoch == 0:  # parameters not yet moved: the behaviour policy, log pi_S for u and PPO's old log-probs
+                    old_logp[k] = logp.detach() if behaviour is None else behaviour
+                    is_weights[k] = reads.sampler_weights(idx, old_logp[k], mask, rows_trained)
                 signal = torch.zeros_like(logp)
                 if cfg.method != "grpo":
                     t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
                     u, signal = pmi_signal(t_logp, old_logp[k], mask, cfg.method, gate)
-                    if epoch == 0:
-                        u_values.append(u[mask.bool()])
-                        seq_u_mean[idx] = (u.sum(1) / mask.sum(1).clamp(min=1)).cpu()
-                        weighted = (seq_lambda[idx] * trained[idx]).to(device)[:, None] * signal  # masked rows carry no loss
-                        seq_bonus[idx] = weighted.clamp(min=0).sum(1).cpu()
-                        stats["bonus"] += weighted.clamp(min=0).sum().item()
-                        stats["penalty"] += weighted.clamp(max=0).sum().item()
+                    if epoch == 0:  # rows without loss carry no signal mass
+                        signals.add(idx, u, mask, (seq_lambda[idx] * trained[idx]).to(device)[:, None] * signal)
                 adv = combine_advantages(seq_adv[idx].to(device), signal, seq_lambda[idx].to(device), mask)
-                weights = loss_weights(mask * trained[idx].to(device)[:, None], cfg.loss_aggregation,
-                                       total_tokens, total_seqs) * world  # DDP/FSDP average gradients over processes
-                if k in is_weights:  # only a sampler with its own log-probs: the transformers path is untouched
-                    weights = weights * is_weights[k]
+                weights = loss_weights(mask * rows_trained, cfg.loss_aggregation, total_tokens, total_seqs) * world
+                weights = weights if is_weights[k] is None else weights * is_weights[k]
                 loss, clipped = ppo_clip_loss(logp, old_logp[k], adv, weights, cfg.clip_eps, clip_high)
-                accelerator.backward(loss)
-            stats["loss"] += loss.item() / world
-            stats["clipped"] += clipped.item()
-        if shared:
-            shared_prompts.backward()
+                accelerator.backward(loss)  # DDP/FSDP average gradients over processes: hence `* world` above
+            loss_sum, clipped_sum = loss_sum + loss.item() / world, clipped_sum + clipped.item()
+        reads.finish_epoch()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):  # the loop logs it
+        if skipped := not torch.isfinite(grad_norm):  # the loop logs it
             optimizer.zero_grad(set_to_none=True)
-            skipped = True
             break
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return {**stats, "u": torch.cat(u_values) if u_values else torch.zeros(0), "seq_u_mean": seq_u_mean, "seq_bonus": seq_bonus,
-            "grad_norm": grad_norm,
-            "skipped": skipped, "total_tokens": total_tokens.item(), "resp_lens": resp_lens,
-            "is_values": torch.cat(is_values, dim=1) if is_values else None}
+    return {"loss": loss_sum, "clipped": clipped_sum, **signals.as_dict(), "grad_norm": grad_norm, "skipped": skipped,
+            "total_tokens": total_tokens.item(), "resp_lens": resp_lens, "is_values": reads.importance_values()}
 
 
 # =====================================================================================
@@ -701,34 +542,18 @@ def main(cfg: Config) -> None:
     cfg.validate(accelerator.num_processes)
     if accelerator.device.type == "cpu":
         logger.info("%d torch threads per process", set_cpu_threads(accelerator, cfg.cpu_threads))
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out = Path(cfg.output_dir)
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in asdict(cfg).items() if k != "resume"}, sort_keys=False))
-        logger.info("config:\n%s", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    rank, world, out = accelerator.process_index, accelerator.num_processes, Path(cfg.output_dir)
+    resume_from = prepare_output_dir(accelerator, out, asdict(cfg), cfg.resume)
     set_seed(cfg.seed)
 
-    # ---- data: every prompt rendered once; step k uses prompts [k*P, (k+1)*P) of a seeded order per epoch
+    # ---- data and model: every prompt rendered once
     rows = load_rows(cfg)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules)
     model, tokenizer = load_policy(model_dir(cfg.init_from, out / "init_model", accelerator) if cfg.init_from else cfg.model,
                                    cfg.gradient_checkpointing, lora if cfg.use_peft else None, cfg.load_in_4bit)
     prompts, prompt_ids = render_prompts(cfg, tokenizer, rows)
-    orders = {}
 
-    def step_prompts(step: int) -> list[int]:
-        per_rank = cfg.prompts_per_step // world
-        first = step * cfg.prompts_per_step + rank * per_rank
-        for epoch in {i // len(rows) for i in range(first, first + per_rank)} - orders.keys():
-            orders[epoch] = list(range(len(rows)))
-            random.Random(cfg.seed * 1_000_003 + epoch).shuffle(orders[epoch])
-        return [orders[i // len(rows)][i % len(rows)] for i in range(first, first + per_rank)]
-
-    # ---- model, optimizer, gate, trackers
+    # ---- optimizer, gate, rewards, rollouts, trackers
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps * cfg.ppo_epochs)
@@ -736,126 +561,67 @@ def main(cfg: Config) -> None:
     model.train()  # from_pretrained leaves eval mode; layers are only recomputed (--gradient_checkpointing) in training mode
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: accelerate would step it per process
     gate = make_gate(cfg)
-    start_step = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        gate.load_state_dict(state["controller"])
-        start_step = state["step"]
-        logger.info("resumed from %s at step %d", resume_from, start_step)
+    start_step = load_checkpoint(accelerator, resume_from, gate) if resume_from is not None else 0
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         drop_steps_after(start_step, metrics_path, out / "completions.jsonl", out / "eval.jsonl")
     accelerator.init_trackers("antisd", config={k: v for k, v in asdict(cfg).items() if v is not None})
     verifier = (MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
                 if MATH_VERIFY in (cfg.reward_funcs or [MATH_VERIFY]) else None)
-    reward_funcs = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier)
-    timeouts_logged = 0  # verifier.timeouts counts from the start; each step logs its own
+    reward_funcs, timeouts_logged = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier), 0
     unwrapped = accelerator.unwrap_model(model)
-    eval_args = EvalConfig(bench=cfg.eval_bench, model=cfg.model, output_dir=str(out / "eval"), n=cfg.eval_n,
-                           limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_prompt=cfg.system_prompt,
-                           enable_thinking=cfg.enable_thinking, num_workers=cfg.verifier_workers,
-                           transformers_decoding=cfg.transformers_decoding) if cfg.eval_steps else None
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
     rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, cfg.transformers_decoding, cfg.generation_batch_size,
                              cfg.generation_kv_tokens, torch.bfloat16 if cfg.bf16 else torch.float32, cfg.seed,
                              cfg.vllm_gpu_memory_utilization, max_model_len=max(map(len, prompt_ids)) + cfg.max_new_tokens)
-    sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-
-    def trainer_state(step: int) -> dict:
-        return {"next_prompt": step * cfg.prompts_per_step, "controller": gate.state_dict()}
-
+    sampling, orders = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p), {}
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=not accelerator.is_main_process, desc="train")
     for step in bar:
         t_step, timings = time.perf_counter(), {}
-        # ---- rollout: G samples of each of this process's prompts, seeded by (seed, step, rank)
-        t0 = time.perf_counter()
-        batch_rows = step_prompts(step)
-        rollouts.load_weights(unwrapped)  # vLLM: the weights of the last update pushed into the engine
-        rollouts.wake()
-        rollout = rollouts.generate([prompt_ids[i] for i in batch_rows for _ in range(cfg.group_size)], sampling,
-                                    seed=rollout_seed(cfg.seed, step, rank))
-        rollouts.sleep()  # vLLM: its weights and KV cache freed for teacher scoring and the update
-        timings["generate"] = time.perf_counter() - t0
-
-        # ---- reward and GRPO advantages (groups never straddle processes)
-        t0 = time.perf_counter()
-        per_rollout = [i for i in batch_rows for _ in range(cfg.group_size)]
-        rewards, seq_adv, reward_parts = rewards_and_advantages(cfg, reward_funcs, rollout, [prompts[i] for i in per_rollout],
-                                                                [rows[i] for i in per_rollout])
-        timings["reward"] = time.perf_counter() - t0
-
-        # ---- privileged context and teacher scoring (no grad; the same response ids appended)
-        t0 = time.perf_counter()
-        teacher_logp, teacher_entropy = [None] * len(rollout.completion_ids), []
-        if cfg.method != "grpo":
-            teacher_logp, teacher_entropy = teacher_scores(
-                model, teacher_prompts(cfg, tokenizer, step, rank, rows, prompts, batch_rows, rollout, rewards),
-                rollout.completion_ids, tokenizer.pad_token_id, device, cfg.score_batch_size, chunk_rows,
-                agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()), temperature=cfg.temperature)
-        timings["teacher"] = time.perf_counter() - t0
-
-        # ---- gate: this step's lambda per sequence (the step's teacher statistics decide it), times the group guard
-        all_entropy = gather_floats(accelerator, torch.cat(teacher_entropy) if teacher_entropy else torch.zeros(0))
-        seq_ppl = torch.tensor([math.exp(-(tl.sum() / max(len(c), 1)).item()) if tl is not None else float("nan")
-                                for tl, c in zip(teacher_logp, rollout.completion_ids)])
-        stats = TeacherStats(all_entropy.median().item() if all_entropy.numel() else None, seq_ppl)
-        seq_lambda = gate.lambdas(stats)
+        with phase(timings, "generate"):  # G samples of each of this process's prompts, seeded by (seed, step, rank)
+            batch_rows = step_prompts(cfg, step, rank, world, len(rows), orders)
+            per_rollout = [i for i in batch_rows for _ in range(cfg.group_size)]
+            rollout = generate_for_step(rollouts, unwrapped, [prompt_ids[i] for i in per_rollout], sampling,
+                                        rollout_seed(cfg.seed, step, rank))
+        with phase(timings, "reward"):  # and GRPO advantages (groups never straddle processes)
+            rewards, seq_adv, reward_parts = rewards_and_advantages(cfg, reward_funcs, rollout, [prompts[i] for i in per_rollout],
+                                                                    [rows[i] for i in per_rollout])
+        with phase(timings, "teacher"):  # privileged context and teacher scoring
+            teacher_logp, teacher_entropy = score_teacher(cfg, accelerator, model, tokenizer, chunk_rows, step, rows, prompts,
+                                                          batch_rows, rollout, rewards)
+        stats = teacher_stats(accelerator, teacher_logp, teacher_entropy, rollout.completion_ids)
+        seq_lambda = gate.lambdas(stats)  # this step's teacher statistics decide its lambda, times the group guard
         group_weight = group_signal_weights(torch.tensor(rewards), cfg.group_size, cfg.group_signal)
-
-        # ---- update: PPO-clip with A_t = A_seq + lambda * delta_t, token-mean over the whole batch
-        t0 = time.perf_counter()
-        update = update_policy(cfg, accelerator, model, optimizer, scheduler, gate, rollout, tokenizer.pad_token_id,
-                               teacher_logp, seq_adv, seq_lambda * group_weight, chunk_rows)
-        timings["update"] = time.perf_counter() - t0
+        with phase(timings, "update"):
+            update = update_policy(cfg, accelerator, model, optimizer, scheduler, gate, rollout, tokenizer.pad_token_id,
+                                   teacher_logp, seq_adv, seq_lambda * group_weight, chunk_rows)
         if update["skipped"]:
             logger.warning("step %d: non-finite gradient norm (%s), update skipped", step + 1, update["grad_norm"].item())
+        u_all = end_gate_step(accelerator, gate, stats.seq_ppl, update["u"])  # the release controller learns here
 
-        # ---- gate bookkeeping after the update (the release controller learns its references here)
-        u_all = gather_floats(accelerator, update["u"])
-        finite = seq_ppl[torch.isfinite(seq_ppl) & (seq_ppl < ReleaseController.PPL_CAP)]
-        ppl_sum = accelerator.reduce(torch.tensor([finite.sum().item(), float(finite.numel())], device=device), "sum")
-        gate.end_step((ppl_sum[0] / ppl_sum[1]).item() if ppl_sum[1] > 0 else None, u_all.std().item() if u_all.numel() > 1 else 0.0)
-
-        # ---- log
-        step_s = time.perf_counter() - t_step
+        # ---- log, evaluate (evaluate.py's core on the current weights, the training RNG untouched), checkpoint
+        step_timeouts, timeouts_logged = (verifier.timeouts - timeouts_logged, verifier.timeouts) if verifier else (None, 0)
         metrics = step_metrics(accelerator, step, cfg.group_size, cfg.ppo_epochs, rewards, reward_parts, rollout.truncated,
-                               stats.entropy_median, seq_lambda, group_weight, gate, update, u_all,
-                               scheduler.get_last_lr()[0], timings, step_s)
-        if verifier is not None:  # checks over the verifier's CPU limit score 0: right answers may have been lost
-            step_timeouts, timeouts_logged = verifier.timeouts - timeouts_logged, verifier.timeouts
-            metrics["reward/verifier_timeouts"] = accelerator.reduce(torch.tensor(float(step_timeouts), device=device), "sum").item()
+                               stats.entropy_median, seq_lambda, group_weight, gate, update, u_all, scheduler.get_last_lr()[0],
+                               timings, time.perf_counter() - t_step, step_timeouts)
         if cfg.log_completions:
             log_completions(accelerator, out / "completions.jsonl", step, cfg.log_completions, {
                 "prompt": [prompts[i] for i in per_rollout], "completion": rollout.texts, "reward": rewards,
                 "advantage": seq_adv, "u_mean": update["seq_u_mean"], "lambda": seq_lambda})
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", lam=f"{metrics['gate/lambda']:.2f}", s=f"{step_s:.1f}")
-            if metrics["length/truncated_frac"] >= 0.5:  # a drifting policy can end here, with little or no gradient left
-                logger.warning("step %d: %.0f%% of completions hit --max_new_tokens %d (--truncated_completions %s)",
-                               step + 1, 100 * metrics["length/truncated_frac"], cfg.max_new_tokens, cfg.truncated_completions)
-        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
-
-        # ---- evaluation (evaluate.py on the current weights; the training RNG stream untouched)
+        write_step(accelerator, metrics_path, metrics, bar, cfg.max_new_tokens, cfg.truncated_completions)
         if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
-            evaluate_during_training(accelerator, model, tokenizer, eval_args, step + 1, out / "eval.jsonl")
-
-        # ---- checkpoint
+            evaluate_during_training(accelerator, model, tokenizer, training_eval_config(cfg), step + 1, out / "eval.jsonl")
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step + 1, trainer_state(step + 1), cfg.save_total_limit)
+            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step + 1, trainer_state(cfg, gate, step + 1),
+                            cfg.save_total_limit)
 
-    save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, cfg.max_steps, trainer_state(cfg.max_steps), cfg.save_total_limit)
+    save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, cfg.max_steps, trainer_state(cfg, gate, cfg.max_steps),
+                    cfg.save_total_limit)
     save_final_model(accelerator, model, tokenizer, cfg.output_dir, torch.bfloat16 if cfg.bf16 else torch.float32,
                      cfg.merge_adapter)
     if accelerator.is_main_process:
-        plot_metrics(metrics_path, out / "metrics.png")
-        write_model_card(out, {k: v for k, v in asdict(cfg).items() if k != "resume"})
-        logger.info("done: model and model card in %s, metrics in %s", out, metrics_path)
-        if cfg.push_to_hub:
-            logger.info("pushed to %s", push_to_hub(out, cfg.hub_model_id or out.resolve().name))
+        finish_run(out, {k: v for k, v in asdict(cfg).items() if k != "resume"})
     if verifier is not None:
         verifier.close()
     accelerator.end_training()

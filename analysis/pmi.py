@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 
 import train_antisd
-from checkpoints import load_policy, model_dir
+from antisd.checkpoints import model_dir
+from antisd.model_loading import load_policy
+from antisd.rollouts import SamplingSettings, TransformersRollouts, rollout_seed
+from antisd.scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from data.arith import audit_checks
-from rollouts import SamplingSettings, TransformersRollouts, rollout_seed
-from scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
 from verifiers.math import MathVerifier
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs
 

@@ -68,7 +68,7 @@ def preflight(allow_cpu: bool, backends: list[str]) -> str:
     if "cache" not in inspect.signature(Qwen3Model.forward).parameters:
         import transformers
 
-        problems.append(f"transformers {transformers.__version__} lacks the `cache=` forward keyword scoring.py uses: "
+        problems.append(f"transformers {transformers.__version__} lacks the `cache=` forward keyword antisd/scoring.py uses: "
                         "install transformers>=5.24 (requirements.txt)")
     if importlib.util.find_spec("math_verify") is None:
         problems.append("math_verify is not installed (the verifier's workers need it): pip install math-verify==0.9.0")

@@ -37,7 +37,7 @@ def one_size(response_tokens: int, logit_chunk_mb: int, gradient_checkpointing: 
     import torch
 
     from bench.random_qwen3 import random_qwen3
-    from scoring import install_scoring_head, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
+    from antisd.scoring import install_scoring_head, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
     from train_antisd import combine_advantages, ppo_clip_loss, token_signal
 
     model, tokenizer = random_qwen3("small")

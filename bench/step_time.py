@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generation import DECODINGS  # noqa: E402
+from antisd.generation import DECODINGS  # noqa: E402
 from train_antisd import main, parse_config  # noqa: E402
 
 PHASES = ("generate", "reward", "teacher", "update", "step")

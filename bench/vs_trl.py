@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generation import DECODINGS  # noqa: E402
+from antisd.generation import DECODINGS  # noqa: E402
 from step_time import measure  # noqa: E402
 from train_antisd import load_rows, parse_config, render_prompts  # noqa: E402
 
@@ -37,8 +37,8 @@ def measure_trl(steps: int) -> dict[str, float]:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from checkpoints import load_causal_lm
-    from distributed import set_cpu_threads
+    from antisd.model_loading import load_causal_lm
+    from antisd.distributed import set_cpu_threads
     from models.build_tiny_model import ensure_embedded_model
     from verifiers.math import MathVerifier
 

@@ -156,7 +156,7 @@ def sft_texts(rows: list[dict], n: int, teacher_frac: float, rng: random.Random,
 
 
 def encode(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    from generation import chat_messages, chat_prompt_ids
+    from antisd.generation import chat_messages, chat_prompt_ids
 
     responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
     return [(chat_prompt_ids(tokenizer, chat_messages(u)), r + [tokenizer.eos_token_id]) for (u, _), r in zip(pairs, responses)]
@@ -200,7 +200,7 @@ def sft(model, examples, args, pad_id: int) -> float:
 
 def evaluate(model, tokenizer, rows: list[dict], temperature: float, max_new_tokens: int, seed: int):
     """(accuracy under the project's math reward, the samples) on `rows`."""
-    from generation import chat_messages, chat_prompt_ids, sample
+    from antisd.generation import chat_messages, chat_prompt_ids, sample
     from verifiers.math import MathVerifier
 
     torch.manual_seed(seed)

@@ -11,8 +11,8 @@ import sys
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from distributed import make_accelerator
-from scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
+from antisd.distributed import make_accelerator
+from antisd.scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
 from train_antisd import combine_advantages, loss_weights, ppo_clip_loss, token_signal
 
 PROMPTS = [[1, 2], [3, 4, 5], [6], [7, 8], [9, 1, 2], [3]]

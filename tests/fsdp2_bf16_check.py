@@ -14,10 +14,10 @@ import torch
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
 from data.arith import generate_split
-from distributed import full_parameters, full_weights_for_generation, make_accelerator
-from generation import chat_messages, chat_prompt_ids, sample
-from checkpoints import load_policy
-from scoring import pack_sequences, teacher_scores, token_logprobs
+from antisd.distributed import full_parameters, full_weights_for_generation, make_accelerator
+from antisd.generation import chat_messages, chat_prompt_ids, sample
+from antisd.model_loading import load_policy
+from antisd.scoring import pack_sequences, teacher_scores, token_logprobs
 
 # bf16 weights and activations (~3 significant digits); measured here: max 0.03, mean 0.0015
 LOGP_TOLERANCE, MEAN_TOLERANCE = 0.1, 0.01

@@ -26,7 +26,8 @@ def test_lora_run_saves_an_adapter_that_loads_with_peft_changes_outputs_and_merg
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from checkpoints import load_causal_lm, model_dir
+    from antisd.checkpoints import model_dir
+    from antisd.model_loading import load_causal_lm
 
     run_script(LORA + ["--max_steps", "2", "--save_steps", "0", "--merge_adapter", "--output_dir", str(tmp_path)])
     assert all(r["grad_norm"] > 0 for r in read_metrics(tmp_path))
@@ -58,9 +59,9 @@ def test_student_scores_for_u_come_from_a_dropout_free_pass(tmp_path):
     from accelerate import Accelerator
 
     import train_antisd
-    from checkpoints import load_policy
-    from generation import sample
-    from scoring import eval_mode_logprobs, has_dropout, pack_sequences, token_logprobs
+    from antisd.model_loading import load_policy
+    from antisd.generation import sample
+    from antisd.scoring import eval_mode_logprobs, has_dropout, pack_sequences, token_logprobs
 
     lora = dict(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"])
     model, tokenizer = load_policy("tiny", False, lora)
@@ -128,7 +129,7 @@ def test_evaluation_during_training_is_logged_and_leaves_training_unchanged(tmp_
 
 
 def test_4bit_without_bitsandbytes_or_gpu_says_what_is_missing():
-    from adapters import quantization_config
+    from antisd.model_loading import quantization_config
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

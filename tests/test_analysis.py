@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.compare import (Run, eval_dir, paired_difference, parse_args, parse_arm, report_markdown, run_state,
-                              second_half_steps, sign_test_p, summarize_study, t_interval, training_command)
+from analysis.compare import (Run, eval_dir, parse_args, parse_arm, run_state, second_half_steps, summarize_study,
+                              training_command)
+from analysis.study_report import paired_difference, report_markdown, sign_test_p, t_interval
 from analysis.pmi import token_classes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,10 +242,10 @@ def test_token_classes():
 
 def test_pmi_on_the_tiny_model_matches_training(tmp_path):
     import train_antisd
-    from checkpoints import load_policy
-    from distributed import make_accelerator
-    from generation import Samples
-    from scoring import logit_chunk_rows, teacher_scores
+    from antisd.model_loading import load_policy
+    from antisd.distributed import make_accelerator
+    from antisd.generation import Samples
+    from antisd.scoring import logit_chunk_rows, teacher_scores
 
     out = tmp_path / "pmi"
     run_module("analysis.pmi", ["--model", "tiny", "--dataset", "arith", "--num_problems", "4", "--output_dir", str(out),

@@ -150,7 +150,7 @@ def test_tokenizer_round_trips_any_text(tokenizer):
 
 
 def test_chat_template_and_special_tokens(tokenizer):
-    from generation import chat_messages, chat_prompt_ids
+    from antisd.generation import chat_messages, chat_prompt_ids
 
     for tok in tokenizers_under_test(tokenizer):
         assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
@@ -174,7 +174,7 @@ def test_committed_tiny_model_loads_offline_and_generates():
     needs_tiny_model()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from generation import chat_messages, chat_prompt_ids, sample
+    from antisd.generation import chat_messages, chat_prompt_ids, sample
 
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_TINY_MODEL_DIR, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(DEFAULT_TINY_MODEL_DIR, local_files_only=True)

@@ -151,9 +151,8 @@ def test_build_flags():
 def test_build_arith_checks_model_and_resolve_it_by_name(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    import checkpoints
-    import evaluate
     import models
+    from antisd import model_loading
 
     out = tmp_path / "checks"
     build_main(["--task", "arith_checks", "--output_dir", str(out), "--sft_steps", "5", "--batch_size", "4",
@@ -166,8 +165,8 @@ def test_build_arith_checks_model_and_resolve_it_by_name(tmp_path, monkeypatch):
     assert tok.decode(tok(line, add_special_tokens=False)["input_ids"]) == line
     # --model tiny-checks: the registered folder, built only when missing (here present: loaded as is)
     monkeypatch.setitem(models.EMBEDDED_MODELS, "tiny-checks", (out, "arith_checks"))
-    assert evaluate.resolve_model("tiny-checks") == str(out)
-    model, tokenizer = checkpoints.load_policy("tiny-checks", gradient_checkpointing=False)
+    assert model_loading.resolve_model("tiny-checks") == str(out)
+    model, tokenizer = model_loading.load_policy("tiny-checks", gradient_checkpointing=False)
     assert model.config.vocab_size == len(tokenizer) == len(tok)
 
 
@@ -176,6 +175,7 @@ def test_build_arith_checks_model_and_resolve_it_by_name(tmp_path, monkeypatch):
 def test_arith_checks_loads_wherever_arith_does():
     import evaluate
     from analysis.compare import parse_args as study_args
+    from antisd.evaluation import TINY_DEFAULT_MAX_NEW_TOKENS
     from data.loading import BENCHMARKS, default_instruction, load_benchmark, load_math_dataset
 
     rows = load_math_dataset("arith_checks", "train", embedded_size=5)
@@ -184,7 +184,7 @@ def test_arith_checks_loads_wherever_arith_does():
     evals = load_benchmark("arith_checks", embedded_size=5)
     assert [r["id"] for r in evals] == [f"arith_checks-eval-{i}" for i in range(5)]
     args = evaluate.parse_config(["--bench", "arith_checks", "--model", "tiny-checks"])
-    assert args.instruction == "" and args.max_new_tokens == evaluate.TINY_DEFAULT_MAX_NEW_TOKENS
+    assert args.instruction == "" and args.max_new_tokens == TINY_DEFAULT_MAX_NEW_TOKENS
     opts, flags, cfg = study_args(["--output_dir", "x", "--model", "tiny-checks", "--dataset", "arith_checks"])
     assert opts.eval_bench == "arith_checks" and (cfg.model, cfg.dataset) == ("tiny-checks", "arith_checks")
 

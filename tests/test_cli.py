@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cli import parse_layered
+from antisd.cli import parse_layered
 
 
 @dataclass

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluate import EvalConfig, main, parse_config, pass_at_k, summarize
+from antisd.evaluation import EvalConfig, pass_at_k, summarize
+from evaluate import main, parse_config
 from prompts import BOXED_INSTRUCTION
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,14 +2,15 @@
 
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import scoring
+from antisd import scoring
 from train_antisd import GATES
-from scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
+from antisd.scoring import install_scoring_head, pack_sequences, teacher_scores, token_logprobs
 from train_antisd import (
     ConstantLambda, EntropyGate, ReleaseController, TeacherStats, make_gate, pmi_signal, choose_shown_solutions, combine_advantages, cut_after_last_boxed,
     group_signal_weights, grpo_advantages, jsd_phi, loss_weights, ppo_clip_loss, teacher_user_message, token_signal,
@@ -98,12 +99,12 @@ def test_release_controller():
     mean = sum(d) / 3
     std = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
     ctrl.max_response_tokens = 4
-    out = ctrl.signal(u, mask, "antisd")
+    out = ctrl.signal(u, mask, partial(token_signal, method="antisd"))
     assert out[0, :3].tolist() == pytest.approx([(x - mean) / std for x in d], rel=1e-5)
     assert out[0, 2] != 0 and out[0, 3] == 0  # the outlier carries (0 - mean) / std; padding stays 0
     assert out[1].tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0], rel=1e-5)  # +-1: two tokens z-scored
     ctrl.max_response_tokens = 3  # the length mask is >= (as the released dp_actor): 3 tokens dropped, 2 kept
-    out = ctrl.signal(u, mask, "antisd")
+    out = ctrl.signal(u, mask, partial(token_signal, method="antisd"))
     assert out[0].abs().sum() == 0 and out[2].abs().sum() == 0 and out[1].abs().sum() > 0
 
 
@@ -459,7 +460,7 @@ def test_logit_chunks_are_sized_by_a_memory_budget():
 
 
 def test_generate_calls_are_sized_by_a_kv_token_budget():
-    from generation import token_budget_batches
+    from antisd.generation import token_budget_batches
 
     lengths = [10, 30, 20, 5, 50, 40]
     batches = token_budget_batches(lengths, max_new_tokens=50, batch_size=4, max_tokens=200)

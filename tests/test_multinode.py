@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import distributed
-from rollouts import free_port
+from antisd import distributed
+from antisd.rollouts import free_port
 from test_training import FAST, REPO, TORCHRUN, read_metrics, run_script
 
 TINY = FAST + ["--group_size", "2", "--max_new_tokens", "24", "--cpu_threads", "1", "--method", "antisd"]

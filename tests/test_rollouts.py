@@ -1,4 +1,4 @@
-"""The rollout interface (rollouts.py): the transformers backend against a direct seeded `generate`,
+"""The rollout interface (antisd/rollouts.py): the transformers backend against a direct seeded `generate`,
 the vLLM backend against a stand-in engine (tests/vllm_stand_in.py) inside real training steps,
 and truncated importance sampling in the update."""
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import train_antisd
-from generation import chat_messages, chat_prompt_ids, pad_batch
-from rollouts import SamplingSettings, TransformersRollouts, VLLMRollouts, make_rollouts, rollout_seed
+from antisd.generation import chat_messages, chat_prompt_ids, pad_batch
+from antisd.policy_reads import truncated_is_weights
+from antisd.rollouts import SamplingSettings, TransformersRollouts, VLLMRollouts, make_rollouts, rollout_seed
 from tests import vllm_stand_in
 
 importlib_find_spec = importlib.util.find_spec
@@ -23,7 +24,7 @@ FAST = ["--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "12"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from checkpoints import load_policy
+    from antisd.model_loading import load_policy
 
     model, tokenizer = load_policy("tiny", gradient_checkpointing=False)
     prompts = [chat_prompt_ids(tokenizer, chat_messages(q)) for q in ("What is 2 + 3?", "Tom has 7 apples and eats 2.")]
@@ -178,17 +179,17 @@ def test_truncated_is_weights():
     trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
     sampler = torch.tensor([[-1.0, -2.0 - math.log(5), -3.0 + math.log(2)], [-0.5, -0.5, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    weights, ratio = train_antisd.truncated_is_weights(trainer, sampler, mask, cap=3.0)
+    weights, ratio = truncated_is_weights(trainer, sampler, mask, cap=3.0)
     assert ratio.flatten().tolist() == pytest.approx([1.0, 5.0, 0.5, 1.0, 1.0, 1.0])
     assert weights.flatten().tolist() == pytest.approx([1.0, 3.0, 0.5, 1.0, 1.0, 1.0])
-    assert train_antisd.truncated_is_weights(trainer, sampler, mask, cap=0)[0].tolist() == [[1.0] * 3] * 2
+    assert truncated_is_weights(trainer, sampler, mask, cap=0)[0].tolist() == [[1.0] * 3] * 2
 
 
 @pytest.mark.parametrize("log_ratio,factor", [(math.log(0.5), 0.5), (math.log(4.0), 3.0)])
 def test_is_weights_scale_the_policy_gradient(tiny, log_ratio, factor):
     """A uniform sampler mismatch scales loss and gradient by the (capped) ratio; none leaves them as they were."""
     from accelerate import Accelerator
-    from scoring import logit_chunk_rows, pack_sequences, token_logprobs
+    from antisd.scoring import logit_chunk_rows, pack_sequences, token_logprobs
     from transformers import get_scheduler
 
     model, tokenizer, prompts = tiny

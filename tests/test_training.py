@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_antisd
-from train_antisd import Config, latest_checkpoint, main, parse_config
+from antisd import policy_reads
+from antisd.checkpoints import latest_checkpoint
+from train_antisd import Config, main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--prompts_per_step", "2", "--group_size", "4", "--max_new_tokens", "40", "--gate_warmup_steps", "1",
@@ -79,11 +82,11 @@ def test_gradient_checkpointing_and_shared_prompts_give_the_same_steps(tmp_path,
 
     monkeypatch.setattr(Qwen3MLP, "forward", counting_forward)
     args = FAST + ["--method", "antisd", "--gate", "none", "--max_steps", "2", "--save_steps", "0"]
-    counts, shares = {}, train_antisd.shares_prompts
+    counts, shares = {}, policy_reads.shares_prompts
     # plain: prompts read once per group (scoring.SharedPromptScores); whole: every row read whole, as
     # checkpointing does (it refuses the prompts' KV cache)
     for name, extra in (("plain", []), ("whole", []), ("checkpointed", ["--gradient_checkpointing"])):
-        monkeypatch.setattr(train_antisd, "shares_prompts", (lambda *_: False) if name == "whole" else shares)
+        monkeypatch.setattr(policy_reads, "shares_prompts", (lambda *_: False) if name == "whole" else shares)
         grad_calls.clear()
         main(parse_config(args + extra + ["--output_dir", str(tmp_path / name)]))
         counts[name] = sum(grad_calls)
@@ -212,14 +215,14 @@ def test_release_length_mask_follows_the_budget():
     u = torch.linspace(-1, 1, 94).repeat(2, 1)
     mask = torch.ones(2, 94)
     mask[1, 93] = 0  # 93 tokens
-    out = gate.signal(u, mask, "antisd")
+    out = gate.signal(u, mask, partial(train_antisd.token_signal, method="antisd"))
     assert out[0].abs().sum() == 0 and out[1].abs().sum() > 0
 
 
 def test_release_preset_shows_feedback_only_without_another_correct_rollout():
     """Under the preset a sole correct rollout and an all-wrong group see no solution (the released code
     has no dataset fallback); the paper's default shows the dataset's solution there."""
-    from generation import Samples
+    from antisd.generation import Samples
     from transformers import AutoTokenizer
 
     from models import EMBEDDED_MODELS
@@ -335,7 +338,8 @@ def test_two_process_ddp_on_cpu_and_its_checkpoint_loads_whole(tmp_path):
     final = load_file(tmp_path / "model.safetensors")
     checkpoint = tmp_path / "checkpoint-2"
     # --init_from and evaluate.py read every weight of the DDP checkpoint folder (a partial load raises)
-    from checkpoints import load_causal_lm, model_dir
+    from antisd.checkpoints import model_dir
+    from antisd.model_loading import load_causal_lm
 
     loaded = load_causal_lm(model_dir(str(checkpoint), tmp_path / "scratch")).state_dict()
     assert all(torch.equal(loaded[k], final[k]) for k in final)
@@ -352,7 +356,8 @@ def test_checkpoint_folders_load_whole_or_not_at_all(tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from checkpoints import CheckpointError, load_causal_lm, model_dir
+    from antisd.checkpoints import model_dir
+    from antisd.model_loading import CheckpointError, load_causal_lm
 
     tiny = REPO / "models" / "tiny-qwen3"
     weights = load_file(tiny / "model.safetensors")

@@ -1,4 +1,4 @@
-"""Checkpoints and model folders, shared by train_antisd.py and evaluate.py.
+"""Checkpoints and model folders, shared by train_antisd.py and evaluate.py (loading: model_loading.py).
 
 - `save_checkpoint` writes `checkpoint-<step>` atomically (a `.partial` folder renamed when complete);
   `latest_checkpoint` finds the newest complete one.
@@ -6,10 +6,6 @@
   FSDP run, a LoRA run or checkpoint) into a folder `from_pretrained` and vLLM read: FSDP shards are
   merged, wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) stripped, a LoRA
   adapter merged into its base, once, into a scratch folder.
-- `load_causal_lm` loads a model and refuses a partial load: a missing, unexpected or mis-shaped
-  weight is an error, never a warning.
-- `load_policy` loads the model to train (fp32 master weights, the scoring head installed,
-  layers checkpointed when asked, LoRA adapters added by peft when asked) and its tokenizer.
 - `save_final_model` writes the full model in the training dtype (bf16 after `--bf16`), or for a
   LoRA run the adapter (and, when asked, the merged model in `merged/`).
 """
@@ -17,23 +13,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
-from adapters import is_adapter_dir, is_peft_model, merge_adapter, save_adapter
-from models import EMBEDDED_MODELS
+from antisd.adapters import is_peft_model, merge_adapter, save_adapter
+from antisd.model_loading import is_adapter_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FSDP_SHARDS = "pytorch_model_fsdp_0"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(RuntimeError):
-    """A model or checkpoint folder that cannot be loaded whole."""
+logger = logging.getLogger("antisd")
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -49,6 +44,30 @@ def checkpoint_step(path: Path) -> int:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return (complete_checkpoints(output_dir) or [None])[-1]
+
+
+def prepare_output_dir(accelerator, output_dir: Path, config: dict, resume: bool) -> Path | None:
+    """The checkpoint a --resume continues from (None: a fresh start); the main process creates the
+    folder and writes the run's config.yaml (without `resume`, so the saved config can be resumed)."""
+    resume_from = latest_checkpoint(output_dir) if resume else None
+    if resume and resume_from is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "resume"},
+                                                               sort_keys=False))
+        logger.info("config:\n%s", yaml.safe_dump(config, sort_keys=False))
+    return resume_from
+
+
+def load_checkpoint(accelerator, folder: Path, gate) -> int:
+    """accelerate state (model, optimizer, scheduler, RNG) and the gate's state restored from `folder`;
+    returns its step."""
+    accelerator.load_state(str(folder))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    gate.load_state_dict(state["controller"])
+    logger.info("resumed from %s at step %d", folder, state["step"])
+    return state["step"]
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, trainer_state: dict, keep: int) -> None:
@@ -132,51 +151,6 @@ def model_dir(path: str, scratch: str | Path, accelerator=None) -> str:
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return str(scratch)
-
-
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, **from_pretrained_kwargs):
-    """`AutoModelForCausalLM.from_pretrained`, but a partial load (weights missing, unexpected or of
-    the wrong shape: e.g. a checkpoint whose keys carry a wrapper prefix) raises CheckpointError."""
-    from transformers import AutoModelForCausalLM
-
-    if is_adapter_dir(name_or_path):
-        raise CheckpointError(f"{name_or_path} holds a LoRA adapter, not a model: pass it through model_dir() "
-                              "(which merges it into its base) first")
-    model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True,
-                                                       **from_pretrained_kwargs)
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
-        raise CheckpointError(f"{name_or_path}: not every weight loaded: {detail}")
-    return model
-
-
-def load_policy(name_or_path: str, gradient_checkpointing: bool, lora: dict | None = None, load_in_4bit: bool = False):
-    """(model, tokenizer) to train: fp32 master weights (--bf16 casts in forward), the chunked scoring
-    head installed, layers recomputed in backward when asked; with `lora` (adapters.add_lora's keyword
-    arguments) a peft model whose adapters alone train, its base in 4 bits with `load_in_4bit`.
-    'tiny' / 'tiny-checks' are the embedded models (models.EMBEDDED_MODELS)."""
-    from transformers import AutoTokenizer
-
-    from adapters import add_lora, quantization_config
-    from scoring import install_scoring_head
-
-    if name_or_path in EMBEDDED_MODELS:
-        from models.build_tiny_model import ensure_embedded_model
-
-        name_or_path = str(ensure_embedded_model(name_or_path))
-    quantized = {"quantization_config": quantization_config(), "device_map": {"": torch.cuda.current_device()}} \
-        if load_in_4bit else {}
-    model = load_causal_lm(name_or_path, dtype=torch.float32, **quantized)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    install_scoring_head(model)
-    if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if lora is not None:
-        model = add_lora(model, **lora, quantized=load_in_4bit)
-    return model, tokenizer
 
 
 def save_final_model(accelerator, model, tokenizer, output_dir: str, dtype: torch.dtype, merge: bool = False) -> None:

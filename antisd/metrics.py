@@ -1,15 +1,30 @@
-"""The training run's metrics: one metrics.jsonl row per step (`step_metrics`), the file as a
-picture (`plot_metrics`, metrics.png beside it), and sampled rollouts (`log_completions`)."""
+"""The training run's metrics: one metrics.jsonl row per step (`step_metrics`, what the update's token
+signal was: `SignalLog`; where the row goes: `write_step`), the file as a picture (`plot_metrics`,
+metrics.png beside it), and sampled rollouts (`log_completions`)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from distributed import gather_floats, peak_memory_gib
+from antisd.distributed import gather_floats, peak_memory_gib
+
+logger = logging.getLogger("antisd")
+
+
+@contextmanager
+def phase(timings: dict, name: str):
+    """Seconds the block takes, as timings[name] (metrics: time/<name>_s)."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
@@ -43,9 +58,10 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
 def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewards: list[float],
                  reward_parts: dict[str, list[float]], truncated: list[bool],
                  entropy_median: float | None, seq_lambda: torch.Tensor, group_weight: torch.Tensor, gate, update: dict,
-                 u_all: torch.Tensor, lr: float, timings: dict, step_s: float) -> dict:
+                 u_all: torch.Tensor, lr: float, timings: dict, step_s: float, verifier_timeouts: int | None) -> dict:
     """One metrics.jsonl row of the training loop, over all processes (`update` is what
-    train_antisd.update_policy returns, `gate` its Gate)."""
+    train_antisd.update_policy returns, `gate` its Gate; `verifier_timeouts` this process's checks of the
+    step that ran past the verifier's CPU limit, None without the math verifier)."""
     reward_t = torch.tensor(rewards)
     grouped = reward_t.view(-1, group_size)
     zero_std = (grouped.amax(1) == grouped.amin(1)).repeat_interleave(group_size)
@@ -61,7 +77,7 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
         ratio, weight = (gather_floats(accelerator, values) for values in update["is_values"])
         sampling = {"sampling/is_ratio_mean": ratio.mean().item(), "sampling/is_ratio_max": ratio.max().item(),
                     "sampling/is_capped_frac": (weight < ratio).float().mean().item()} if ratio.numel() else {}
-    return {
+    row = {
         "step": step + 1,
         "reward/mean": all_rewards.mean().item(),
         "reward/std": all_rewards.std().item(),
@@ -92,6 +108,45 @@ def step_metrics(accelerator, step: int, group_size: int, ppo_epochs: int, rewar
         "tokens_per_s": all_lens.sum().item() / step_s,
         "memory/peak_gib": peak_memory_gib(accelerator.device),
     }
+    if verifier_timeouts is not None:  # checks over the verifier's CPU limit score 0: right answers may have been lost
+        row["reward/verifier_timeouts"] = accelerator.reduce(torch.tensor(float(verifier_timeouts), device=accelerator.device),
+                                                             "sum").item()
+    return row
+
+
+class SignalLog:
+    """The token signal of one update as the logs show it (first epoch): u of every active token, each
+    sequence's mean u and bonus, and the bonus and penalty mass of lambda x delta."""
+
+    def __init__(self, num_sequences: int):
+        self.u, self.bonus, self.penalty = [], 0.0, 0.0
+        self.seq_u_mean, self.seq_bonus = torch.full((num_sequences,), math.nan), torch.zeros(num_sequences)
+
+    def add(self, idx: list[int], u: torch.Tensor, mask: torch.Tensor, weighted: torch.Tensor) -> None:
+        """Rows `idx`: their u and their signal times lambda (`weighted`, 0 on rows without loss)."""
+        self.u.append(u[mask.bool()])
+        self.seq_u_mean[idx] = (u.sum(1) / mask.sum(1).clamp(min=1)).cpu()
+        self.seq_bonus[idx] = weighted.clamp(min=0).sum(1).cpu()
+        self.bonus += weighted.clamp(min=0).sum().item()
+        self.penalty += weighted.clamp(max=0).sum().item()
+
+    def as_dict(self) -> dict:
+        return {"bonus": self.bonus, "penalty": self.penalty, "u": torch.cat(self.u) if self.u else torch.zeros(0),
+                "seq_u_mean": self.seq_u_mean, "seq_bonus": self.seq_bonus}
+
+
+def write_step(accelerator, path: Path, metrics: dict, bar, max_new_tokens: int, truncated_completions: str) -> None:
+    """The step's row to metrics.jsonl and the progress bar (main process) and to the trackers; a warning
+    when half the completions hit the budget, where a drifting policy can end with little gradient left."""
+    if accelerator.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", lam=f"{metrics['gate/lambda']:.2f}",
+                        s=f"{metrics['time/step_s']:.1f}")
+        if metrics["length/truncated_frac"] >= 0.5:
+            logger.warning("step %d: %.0f%% of completions hit --max_new_tokens %d (--truncated_completions %s)",
+                           metrics["step"], 100 * metrics["length/truncated_frac"], max_new_tokens, truncated_completions)
+    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
 
 
 def gathered_nanmean(accelerator, values: list[float]) -> float | None:

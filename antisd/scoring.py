@@ -25,7 +25,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from generation import pad_batch
+from antisd.generation import pad_batch
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

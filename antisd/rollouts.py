@@ -28,8 +28,8 @@ from typing import Protocol
 
 import torch
 
-from distributed import full_parameters, full_weights_for_generation
-from generation import DEFAULT_DECODING, Samples, eos_token_ids, sample
+from antisd.distributed import full_parameters, full_weights_for_generation
+from antisd.generation import DEFAULT_DECODING, Samples, eos_token_ids, sample
 
 ROLLOUT_BACKENDS = ("transformers", "vllm")
 VLLM_VERSIONS = "==0.25.1"  # requirements-vllm.txt: the version whose source these calls were checked against
@@ -55,6 +55,17 @@ class RolloutBackend(Protocol):
 
     def sleep(self) -> None:
         """After generate: the sampler's memory freed for scoring and the update."""
+
+
+def generate_for_step(rollouts: RolloutBackend, model, prompt_ids: list[list[int]], settings: SamplingSettings,
+                      seed: int) -> Samples:
+    """One training step's rollouts: the policy's latest weights pushed into the sampler (vLLM), which is
+    woken to generate and put back to sleep, freeing its memory for teacher scoring and the update."""
+    rollouts.load_weights(model)
+    rollouts.wake()
+    samples = rollouts.generate(prompt_ids, settings, seed=seed)
+    rollouts.sleep()
+    return samples
 
 
 def rollout_seed(seed: int, step: int, rank: int) -> int:

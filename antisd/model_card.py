@@ -1,14 +1,19 @@
 """What a finished run shares: a model card (`README.md` in the output directory, in the Hub's
-model-card format, with the run's own numbers) and the upload to the Hub (`--push_to_hub`)."""
+model-card format, with the run's own numbers), metrics.png and the upload to the Hub (`--push_to_hub`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from antisd.metrics import plot_metrics
+
+logger = logging.getLogger("antisd")
 
 METHOD_NAMES = {"grpo": "GRPO (no self-teacher signal)", "sd": "self-distillation (+u, the paper's +SD)",
                 "sd_jsd": "self-distillation with the JSD signal (+phi(u))", "antisd": "Anti-Self-Distillation (-phi(u))"}
@@ -85,6 +90,16 @@ gate `{config["gate"]}`, from `{config["model"]}` on `{config["dataset"]}`, {len
     path = out / "README.md"
     ModelCard(content).save(path)
     return path
+
+
+def finish_run(output_dir: Path, config: dict) -> None:
+    """What a finished run adds to its folder (main process): metrics.png, the model card, and with
+    config["push_to_hub"] the upload."""
+    plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
+    write_model_card(output_dir, config)
+    logger.info("done: model and model card in %s, metrics in %s", output_dir, output_dir / "metrics.jsonl")
+    if config["push_to_hub"]:
+        logger.info("pushed to %s", push_to_hub(output_dir, config["hub_model_id"] or output_dir.resolve().name))
 
 
 def push_to_hub(output_dir: str | Path, repo_id: str) -> str:
