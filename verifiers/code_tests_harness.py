@@ -1,8 +1,9 @@
 """The test runner that runs inside the sandbox for the `code_tests` reward (verifiers/code_tests.py).
 
 Shipped as text and run by ``run_sandboxed`` as the sandbox's main program: it reads a job as JSON
-on stdin, ``{"code", "setup", "kind": "assert" | "stdio", "tests", "test_timeout_s"}``, and for
-each test forks a child that runs the untrusted program and that one test:
+on stdin, ``{"programs": [{"code", "setup", "kind": "assert" | "stdio", "tests"}, ...],
+"test_timeout_s", "sweep"}``, and for each test of each program forks a child that runs the
+untrusted program and that one test:
 
 * ``assert``: ``exec(setup + code)`` then ``exec(test)`` (a line such as ``assert f(2) == 7``); the
   test passes when the child exits cleanly.
@@ -13,7 +14,11 @@ The untrusted code never runs in this process: each child closes the result stre
 anything, starts its own process group, and gets a CPU limit of ``ceil(test_timeout_s)`` seconds
 (a wall-clock backstop of 4x that + 1 s catches programs that sleep); whatever it leaves running is
 killed with its group. After a test that timed out, the remaining tests are not run (as evalplus).
-One JSON line per test on a private dup of the original stdout: ``{"i", "ok", "why"}``.
+With ``sweep`` (the sandbox has a PID namespace, whose init is the launcher) every other process in
+the namespace is killed after each test, so nothing a program started outlives its test and touches
+the next program's. One JSON line per test on a private dup of the original stdout, ``{"p", "i",
+"ok", "why"}`` (program p, test i), and ``{"p", "done": true}`` after each program: the host re-runs
+alone any program of a batch without its "done" (a program that killed this process).
 Standard library only.
 """
 
@@ -32,6 +37,22 @@ _MAX_STDOUT = 1 << 20
 
 def _normalize(text):
     return [line.rstrip() for line in text.strip().splitlines()]
+
+
+def _sweep():
+    """Kill every process of the PID namespace but the launcher (pid 1) and this one."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in (1, me):
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def _child(job, test, result_fd, write_fd):
@@ -143,14 +164,19 @@ def main():
         while data:
             data = data[os.write(result_fd, data):]
 
-    timed_out = False
-    for i, test in enumerate(job["tests"]):
-        if timed_out:
-            emit({"i": i, "ok": False, "why": "not run (an earlier test timed out)"})
-            continue
-        ok, why = _run_one(job, test, result_fd)
-        timed_out = why == "timeout"
-        emit({"i": i, "ok": ok, "why": why})
+    for p, program in enumerate(job["programs"]):
+        program = dict(program, test_timeout_s=job["test_timeout_s"])
+        timed_out = False
+        for i, test in enumerate(program["tests"]):
+            if timed_out:
+                emit({"p": p, "i": i, "ok": False, "why": "not run (an earlier test timed out)"})
+                continue
+            ok, why = _run_one(program, test, result_fd)
+            if job.get("sweep"):
+                _sweep()
+            timed_out = why == "timeout"
+            emit({"p": p, "i": i, "ok": ok, "why": why})
+        emit({"p": p, "done": True})
 
 
 if __name__ == "__main__":
