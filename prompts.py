@@ -12,6 +12,13 @@ BOXED_INSTRUCTION = "Please reason step by step, and put your final answer withi
 EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
                         "in a markdown code block:")
 
+# The code instruction of the paper's App. C, which follows SDPO's (lasgroup/SDPO, data/format/prompts.py
+# CODE_PROMPT, the text before "{problem}"); it comes before the problem (code_user_prompt).
+CODE_INSTRUCTION = ("You are a coding expert. You will be given a coding problem, and you need to write a correct "
+                    "Python program that matches the specification and passes all tests. The time limit is 1 second. "
+                    "You may start by outlining your thought process. In the end, please provide the complete code in "
+                    "a code block enclosed with ``` ```.")
+
 FEEDBACK_CORRECT = "Your answer is correct."
 FEEDBACK_INCORRECT = "Your answer is incorrect."
 
@@ -29,6 +36,12 @@ def code_feedback(passed: int, total: int) -> str:
 def user_prompt(problem: str, instruction: str) -> str:
     """The student's user turn for a math problem: the problem, then the instruction if any."""
     return f"{problem}\n{instruction}" if instruction else problem
+
+
+def code_user_prompt(problem: str, instruction: str) -> str:
+    """The student's user turn for a code problem (training rows): the instruction, a blank line, the
+    problem, as SDPO's code prompt; the bare problem without an instruction (the embedded code task)."""
+    return f"{instruction}\n\n{problem}" if instruction else problem
 
 
 def code_prompt(task_prompt: str, instruction: str) -> str:

@@ -49,10 +49,12 @@ from antisd.model_loading import load_policy
 from antisd.policy_reads import PolicyReads
 from antisd.rollouts import ROLLOUT_BACKENDS, SamplingSettings, generate_for_step, make_rollouts, rollout_seed
 from antisd.scoring import logit_chunk_rows, teacher_scores
-from data.loading import default_instruction, load_math_dataset
-from prompts import answer_feedback, teacher_user_message, user_prompt
+from data.code import CODE_TASKS, load_code_dataset
+from data.loading import default_instruction, load_math_dataset, step_rows
+from prompts import answer_feedback, code_feedback, code_user_prompt, teacher_user_message, user_prompt
 from verifiers.math import MathVerifier, last_boxed_span
-from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs, weighted_rewards
+from verifiers.code_tests import feedback_counts
+from verifiers.reward_funcs import CODE_TESTS, MATH_VERIFY, load_reward_funcs, weighted_rewards
 
 logger = logging.getLogger("antisd")
 
@@ -97,6 +99,9 @@ class Config:
     problem_column: str | None = arg(None, "Column of the problem (text or chat messages); default: problem/question.")
     answer_column: str | None = arg(None, "Dataset column holding the gold answer; default: answer.")
     solution_column: str | None = arg(None, "Dataset column holding a reference solution; default: solution.")
+    tests_column: str | None = arg(None, "Code data: the column of the tests (assert lines or {input, output} pairs); "
+                                         "default: the schema's (data/code.py).")
+    entry_point_column: str | None = arg(None, "Code data: the column of the function's name; default: entry_point.")
     skip_bad_rows: bool = arg(False, "Drop (and count) rows without answer or with a gold that does not parse.")
     instruction: str | None = arg(None, "Appended to each problem; default: none for arith, the boxed instruction otherwise.")
     system_prompt: str | None = arg(None, "System message for student and teacher alike.")
@@ -121,6 +126,7 @@ class Config:
     truncated_completions: str = arg("wrong", "'wrong': reward 0 and trained on; 'mask': no loss on completions without EOS.")
     reward_funcs: list[str] | None = arg(None, "pkg.module:function or file.py:function (TRL signature); default: math_verify.")
     reward_weights: list[float] | None = arg(None, "One weight per reward function (default 1 each).")
+    code_reward: str = arg("fraction", "code_tests reward: fraction (of the row's tests passed) | binary (1 if all pass).")
     verifier_workers: int = arg(2, "Math-verify worker processes.")
     verifier_timeout_s: float = arg(4.0, "CPU-time limit of one answer check (the check scores 0 past it).")
     # --- method
@@ -177,13 +183,16 @@ class Config:
         """Defaults that follow from other fields (a value given anywhere wins)."""
         if self.gate_reopen_ratio is None:
             self.gate_reopen_ratio = REOPEN_RATIO.get(self.gate, 1.0)
+        if self.reward_funcs is None and self.dataset in CODE_TASKS:  # the embedded code task is scored by its tests
+            self.reward_funcs = [CODE_TESTS]
         if self.release_max_response_tokens is None:  # the same share of the budget: length >= ceil(12000/16384 x budget)
             self.release_max_response_tokens = -(-RELEASE_LENGTH_MASK[0] * self.max_new_tokens // RELEASE_LENGTH_MASK[1])
 
     def validate(self, num_processes: int) -> None:
         choices = {"method": METHODS, "preset": tuple(PRESET_DEFAULTS), "gate": GATES, "group_signal": GROUP_SIGNALS,
                    "truncated_completions": ("mask", "wrong"), "rollout_backend": ROLLOUT_BACKENDS,
-                   "transformers_decoding": DECODINGS, "loss_aggregation": ("token-mean", "seq-mean-token-mean")}
+                   "transformers_decoding": DECODINGS, "loss_aggregation": ("token-mean", "seq-mean-token-mean"),
+                   "code_reward": ("fraction", "binary")}
         problems = [f"--{name} must be one of {allowed}, got {getattr(self, name)!r}"
                     for name, allowed in choices.items() if getattr(self, name) not in allowed]
         if self.group_size < 2:
@@ -381,28 +390,39 @@ def choose_shown_solutions(rewards: list[float], texts: list[str], group_size: i
     return shown
 
 
-def teacher_prompt_ids(tokenizer, cfg: Config, prompt: str, solution: str | None, correct: bool) -> list[int]:
+def teacher_prompt_ids(tokenizer, cfg: Config, prompt: str, solution: str | None, feedback: str) -> list[int]:
     if solution is not None:
         solution = fit_token_budget(cut_after_last_boxed(solution), tokenizer, cfg.solution_max_tokens)
-    messages = chat_messages(teacher_user_message(prompt, solution, answer_feedback(correct)), cfg.system_prompt)
+    messages = chat_messages(teacher_user_message(prompt, solution, feedback), cfg.system_prompt)
     return chat_prompt_ids(tokenizer, messages, cfg.enable_thinking)
 
 
 class TeacherContext(NamedTuple):
     row: int  # the problem's dataset row
     solution: str | None  # the solution shown
-    correct: bool  # the feedback on the rollout's own answer
+    feedback: str  # the feedback on the rollout's own attempt
+
+
+def rollout_assessments(rewards: list[float], code_counts: list[tuple[int, int]] | None = None):
+    """(counts as correct, feedback) per rollout. Math: reward > 0.5, "Your answer is (in)correct.";
+    code (the code_tests reward's (passed, total) per rollout): every test passed, code_feedback(passed, total)."""
+    if code_counts is None:
+        correct = [r > 0.5 for r in rewards]
+        return correct, [answer_feedback(c) for c in correct]
+    return [total > 0 and passed == total for passed, total in code_counts], [code_feedback(p, t) for p, t in code_counts]
 
 
 def teacher_prompts(cfg: Config, tokenizer, step: int, rank: int, rows: list[dict], prompts: list[str],
-                    batch_rows: list[int], rollout: Samples, rewards: list[float]) -> list[list[int]]:
+                    batch_rows: list[int], rollout: Samples, rewards: list[float],
+                    code_counts: list[tuple[int, int]] | None = None) -> list[list[int]]:
     """Each rollout's teacher prompt: its problem, a correct sibling (or the dataset's solution) and
-    feedback on its own answer; each distinct one rendered once."""
+    feedback on its own attempt (`rollout_assessments`); each distinct one rendered once."""
     rng = random.Random(cfg.seed * 7919 + step * 104729 + rank)
     solutions = [rows[i]["solution"] if cfg.dataset_solution_fallback else None for i in batch_rows]
-    shown = choose_shown_solutions(rewards, rollout.texts, cfg.group_size, solutions, rng)
-    contexts = [TeacherContext(batch_rows[i // cfg.group_size], shown[i], rewards[i] > 0.5) for i in range(len(shown))]
-    rendered = {c: teacher_prompt_ids(tokenizer, cfg, prompts[c.row], c.solution, c.correct) for c in set(contexts)}
+    correct, feedback = rollout_assessments(rewards, code_counts)
+    shown = choose_shown_solutions(correct, rollout.texts, cfg.group_size, solutions, rng)
+    contexts = [TeacherContext(batch_rows[i // cfg.group_size], shown[i], feedback[i]) for i in range(len(shown))]
+    rendered = {c: teacher_prompt_ids(tokenizer, cfg, prompts[c.row], c.solution, c.feedback) for c in set(contexts)}
     return [rendered[c] for c in contexts]
 
 
@@ -410,27 +430,22 @@ def teacher_prompts(cfg: Config, tokenizer, step: int, rank: int, rows: list[dic
 # 4. One training step, phase by phase (main() calls them in this order).
 # =====================================================================================
 def load_rows(cfg: Config) -> list[dict]:
-    """The dataset's rows; bad rows stop the run here, before the model loads."""
-    columns = {f: getattr(cfg, f"{f}_column") for f in ("problem", "answer", "solution") if getattr(cfg, f"{f}_column")}
-    return load_math_dataset(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
-                             config_name=cfg.dataset_config, columns=columns or None)
+    """The dataset's rows; code rows (problem, tests, entry point; data/code.py) for an embedded code task,
+    --reward_funcs code_tests or --tests_column. Bad rows stop the run here, before the model loads."""
+    code = cfg.dataset in CODE_TASKS or CODE_TESTS in (cfg.reward_funcs or []) or cfg.tests_column is not None
+    fields = ("problem", "tests", "entry_point", "solution") if code else ("problem", "answer", "solution")
+    columns = {f: getattr(cfg, f"{f}_column") for f in fields if getattr(cfg, f"{f}_column")}
+    return (load_code_dataset if code else load_math_dataset)(cfg.dataset, cfg.dataset_split, skip_bad_rows=cfg.skip_bad_rows,
+                                                              seed=cfg.seed, config_name=cfg.dataset_config, columns=columns or None)
 
 
 def render_prompts(cfg: Config, tokenizer, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
-    """Each row's student prompt: its text (problem + instruction) and its chat-rendered token ids."""
-    instruction = default_instruction(cfg.dataset) if cfg.instruction is None else cfg.instruction
-    prompts = [user_prompt(r["problem"], instruction) for r in rows]
+    """Each row's student prompt: its text (problem + instruction; code rows: instruction + problem) and its
+    chat-rendered token ids."""
+    code = "tests" in rows[0]
+    instruction = default_instruction(cfg.dataset, code) if cfg.instruction is None else cfg.instruction
+    prompts = [(code_user_prompt if code else user_prompt)(r["problem"], instruction) for r in rows]
     return prompts, [chat_prompt_ids(tokenizer, chat_messages(p, cfg.system_prompt), cfg.enable_thinking) for p in prompts]
-
-
-def step_prompts(cfg: Config, step: int, rank: int, world: int, num_rows: int, orders: dict) -> list[int]:
-    """This process's rows of `step`: prompts [step*P, (step+1)*P) of a seeded order per epoch (cached in `orders`)."""
-    per_rank = cfg.prompts_per_step // world
-    first = step * cfg.prompts_per_step + rank * per_rank
-    for epoch in {i // num_rows for i in range(first, first + per_rank)} - orders.keys():
-        orders[epoch] = list(range(num_rows))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(orders[epoch])
-    return [orders[i // num_rows][i % num_rows] for i in range(first, first + per_rank)]
 
 
 def rewards_and_advantages(cfg: Config, reward_funcs: dict, rollout: Samples, prompts: list[str], rows: list[dict]):
@@ -446,14 +461,14 @@ def rewards_and_advantages(cfg: Config, reward_funcs: dict, rollout: Samples, pr
 
 
 def score_teacher(cfg: Config, accelerator, model, tokenizer, chunk_rows: int, step: int, rows: list[dict], prompts: list[str],
-                  batch_rows: list[int], rollout: Samples, rewards: list[float]) -> tuple[list, list]:
+                  batch_rows: list[int], rollout: Samples, rewards: list[float], counts=None) -> tuple[list, list]:
     """(log pi_T of each response token, the teacher's entropies): the same weights re-read each response
     after its privileged context, no grad (none for grpo)."""
     if cfg.method == "grpo":
         return [None] * len(rollout.completion_ids), []
     device = accelerator.device
     return teacher_scores(model, teacher_prompts(cfg, tokenizer, step, accelerator.process_index, rows, prompts, batch_rows,
-                                                 rollout, rewards),
+                                                 rollout, rewards, counts),
                           rollout.completion_ids, tokenizer.pad_token_id, device, cfg.score_batch_size, chunk_rows,
                           agree_calls=lambda n: int(accelerator.gather(torch.tensor([n], device=device)).max()),
                           temperature=cfg.temperature)
@@ -566,9 +581,9 @@ def main(cfg: Config) -> None:
     if accelerator.is_main_process:
         drop_steps_after(start_step, metrics_path, out / "completions.jsonl", out / "eval.jsonl")
     accelerator.init_trackers("antisd", config={k: v for k, v in asdict(cfg).items() if v is not None})
-    verifier = (MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
-                if MATH_VERIFY in (cfg.reward_funcs or [MATH_VERIFY]) else None)
-    reward_funcs, timeouts_logged = load_reward_funcs(cfg.reward_funcs or [MATH_VERIFY], verifier), 0
+    names = cfg.reward_funcs or [MATH_VERIFY]
+    verifier = MathVerifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) if MATH_VERIFY in names else None
+    reward_funcs, timeouts_logged = load_reward_funcs(names, verifier, cfg.code_reward, cfg.verifier_workers), 0  # timeouts: per step
     unwrapped = accelerator.unwrap_model(model)
     chunk_rows = logit_chunk_rows(unwrapped.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
     rollouts = make_rollouts(cfg.rollout_backend, unwrapped, tokenizer, cfg.transformers_decoding, cfg.generation_batch_size,
@@ -580,7 +595,7 @@ def main(cfg: Config) -> None:
     for step in bar:
         t_step, timings = time.perf_counter(), {}
         with phase(timings, "generate"):  # G samples of each of this process's prompts, seeded by (seed, step, rank)
-            batch_rows = step_prompts(cfg, step, rank, world, len(rows), orders)
+            batch_rows = step_rows(cfg.seed, cfg.prompts_per_step, step, rank, world, len(rows), orders)
             per_rollout = [i for i in batch_rows for _ in range(cfg.group_size)]
             rollout = generate_for_step(rollouts, unwrapped, [prompt_ids[i] for i in per_rollout], sampling,
                                         rollout_seed(cfg.seed, step, rank))
@@ -589,7 +604,8 @@ def main(cfg: Config) -> None:
                                                                     [rows[i] for i in per_rollout])
         with phase(timings, "teacher"):  # privileged context and teacher scoring
             teacher_logp, teacher_entropy = score_teacher(cfg, accelerator, model, tokenizer, chunk_rows, step, rows, prompts,
-                                                          batch_rows, rollout, rewards)
+                                                          batch_rows, rollout, rewards, 
+                                                          feedback_counts(reward_funcs, rollout.truncated, cfg.truncated_completions == "wrong"))
         stats = teacher_stats(accelerator, teacher_logp, teacher_entropy, rollout.completion_ids)
         seq_lambda = gate.lambdas(stats)  # this step's teacher statistics decide its lambda, times the group guard
         group_weight = group_signal_weights(torch.tensor(rewards), cfg.group_size, cfg.group_signal)

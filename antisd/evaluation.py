@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+from data.code import CODE_TASKS
 from data.loading import BENCHMARKS, EMBEDDED_TASKS, DataError, default_instruction, load_benchmark
 from antisd.generation import DECODINGS, DEFAULT_DECODING
 from antisd.model_loading import resolve_model
@@ -399,6 +400,20 @@ def score_mbpp(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
     return out
 
 
+def score_code(problems: dict, grouped: dict, args) -> dict[str, list[float]]:
+    """Code rows with their own tests (the embedded code_arith task): a sample is correct when its program
+    passes every test in the sandbox (verifiers.code_tests)."""
+    from verifiers.code_tests import CodeTester, CodeTestsReward
+
+    flat = [(pid, s["completion"]) for pid, group in grouped.items() for s in group]
+    reward = CodeTestsReward("binary", CodeTester(num_workers=max(1, args.num_workers)))
+    scores = reward([c for _, c in flat], [problems[pid]["tests"] for pid, _ in flat])
+    out = defaultdict(list)
+    for (pid, _), score in zip(flat, scores):
+        out[pid].append(score)
+    return out
+
+
 def per_problem_results(grouped: dict, scores: dict) -> list[dict]:
     rows = []
     for pid, group in grouped.items():
@@ -473,7 +488,7 @@ def run(args, policy=None) -> dict:
     t_gen = time.time() - t0 - t_load
 
     # 3) score
-    scorer = score_mbpp if args.bench == CODE_BENCH else score_math
+    scorer = score_mbpp if args.bench == CODE_BENCH else score_code if args.bench in CODE_TASKS else score_math
     per_problem = per_problem_results(grouped, scorer(problems, grouped, args))
     t_score = time.time() - t0 - t_load - t_gen
 

@@ -18,15 +18,16 @@ prompt ~100x).
 from __future__ import annotations
 
 import logging
+import random
 import re
 from pathlib import Path
 
-from data import arith
-from prompts import BOXED_INSTRUCTION
+from data import arith, code_arith
+from prompts import BOXED_INSTRUCTION, CODE_INSTRUCTION
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_TASKS = arith.TASKS
+EMBEDDED_TASKS = (*arith.TASKS, code_arith.TASK)  # code_arith: the embedded code task (data/code_arith.py)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 # name -> (hub id, split); every one of them also loads from a local file via `data_file`.
@@ -49,9 +50,10 @@ class DataError(ValueError):
     """A dataset row that cannot be used; the message names source, row and field."""
 
 
-def default_instruction(source: str) -> str:
-    """The embedded models were trained on bare problems; everything else gets the boxed instruction."""
-    return "" if source in EMBEDDED_TASKS else BOXED_INSTRUCTION
+def default_instruction(source: str, code: bool = False) -> str:
+    """The embedded models were trained on bare problems; everything else gets the boxed instruction
+    (`code`: the code instruction, prompts.CODE_INSTRUCTION)."""
+    return "" if source in EMBEDDED_TASKS else CODE_INSTRUCTION if code else BOXED_INSTRUCTION
 
 
 def is_local_file(source: str) -> bool:
@@ -155,6 +157,8 @@ def load_math_dataset(source: str, split: str = "train", *, skip_bad_rows: bool 
                       columns: dict[str, str] | None = None) -> list[dict]:
     """Rows of a training or evaluation dataset (see module docstring for `source`); `config_name`
     is a hub subset, `columns` maps problem/answer/solution to the dataset's own column names."""
+    if source == code_arith.TASK:  # code rows (data/code.py)
+        return code_arith.generate_split(split, embedded_size, seed=seed)
     if source in EMBEDDED_TASKS:
         return arith.generate_split(split, embedded_size, seed=seed, task=source)
     id_prefix = Path(source).stem if is_local_file(source) else source.split("/")[-1]
@@ -179,3 +183,14 @@ def load_benchmark(name: str, data_file: str | None = None, *, skip_bad_rows: bo
         if data_file:
             raise
         raise DataError(f"{err}\nFor {name} pass e.g. --data_file ../shared/data/<file>.jsonl.") from err
+
+
+def step_rows(seed: int, prompts_per_step: int, step: int, rank: int, world: int, num_rows: int, orders: dict) -> list[int]:
+    """This process's rows of training `step`: prompts [step*P, (step+1)*P) of a seeded order of the rows per
+    epoch (orders cached in `orders`), split evenly over the `world` processes."""
+    per_rank = prompts_per_step // world
+    first = step * prompts_per_step + rank * per_rank
+    for epoch in {i // num_rows for i in range(first, first + per_rank)} - orders.keys():
+        orders[epoch] = list(range(num_rows))
+        random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+    return [orders[i // num_rows][i % num_rows] for i in range(first, first + per_rank)]

@@ -7,4 +7,5 @@ MODELS_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODELS = {
     "tiny": (MODELS_DIR / "tiny-qwen3", "arith"),
     "tiny-checks": (MODELS_DIR / "tiny-qwen3-checks", "arith_checks"),
+    "tiny-code": (MODELS_DIR / "tiny-qwen3-code", "code_arith"),  # the embedded code task (data/code_arith.py)
 }

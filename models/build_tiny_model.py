@@ -10,6 +10,10 @@
 4. Measure accuracy on the eval split (sampled at T=1.0 and greedy) with the project's verifier and
    save model + tokenizer + `build_info.json`.
 
+`--task code_arith` builds `tiny-code` (models/tiny-qwen3-code) for the embedded code task
+(data/code_arith.py): SFT on its functions in ```python blocks, teacher prompts with the code
+feedback ("Your code passes N of M test cases."), accuracy by the sandboxed `code_tests` reward.
+
 `--task arith_checks` builds `tiny-checks` (models/tiny-qwen3-checks), for the task where only an
 explicit check catches a slip. Its student solutions slip (`--slip_prob`) and check (`--check_prob`)
 at the student's rates; its teacher, when shown a solution, answers without slips and checks at
@@ -36,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.arith import CHECK_PROB, SLIP_PROB, TASKS
+from data.code_arith import TASK as CODE_TASK
 from models import EMBEDDED_MODELS
 
 DEFAULT_TINY_MODEL_DIR = EMBEDDED_MODELS["tiny"][0]
@@ -55,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default=None, help="where model, tokenizer and build_info.json go; None: the embedded "
                    "model's folder for --task (models/tiny-qwen3, models/tiny-qwen3-checks)")
-    p.add_argument("--task", default="arith", choices=TASKS,
+    p.add_argument("--task", default="arith", choices=(*TASKS, CODE_TASK),
                    help="the SFT task (data/arith.py); arith_checks: only an explicit check catches a slip")
     p.add_argument("--slip_prob", type=float, default=None,
                    help=f"arith_checks: chance that a student solution slips once; None: {CHECKS_DEFAULTS['slip_prob']}")
@@ -65,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="arith_checks: the same for the teacher shown a solution, which never slips; "
                         f"None: {CHECKS_DEFAULTS['teacher_check_prob']}")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (data, init, SFT, eval sampling)")
-    p.add_argument("--sft_steps", type=int, default=1000, help="SFT optimizer steps")
+    p.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps; None: 1000 (600 for code_arith)")
     p.add_argument("--batch_size", type=int, default=16, help="SFT sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up then cosine)")
     p.add_argument("--teacher_frac", type=float, default=0.4, help="fraction of SFT examples in the teacher format")
@@ -80,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=192, help="generation budget at evaluation")
     p.add_argument("--num_threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads (1 is much faster than 2 on a busy 2-core machine)")
     args = p.parse_args(argv)
+    if args.sft_steps is None:  # code_arith: fewer steps leave the tiny model partly right, with room for RL
+        args.sft_steps = 600 if args.task == CODE_TASK else 1000
     if args.output_dir is None:
         args.output_dir = str(next(folder for folder, task in EMBEDDED_MODELS.values() if task == args.task))
     for name, default in CHECKS_DEFAULTS.items():
@@ -129,6 +136,12 @@ def solution_writers(args) -> dict:
     and the teacher's response when a solution is shown (`teacher`)."""
     from data.arith import make_checked_solution, make_solution
 
+    if args.task == CODE_TASK:  # one solution per function: the teacher shown it writes it again
+        from data.code_arith import NUM_TESTS, make_solution as code_solution
+        from prompts import code_feedback
+
+        return {"student": code_solution, "shown": code_solution, "teacher": code_solution,
+                "feedback": lambda rng: code_feedback(rng.randint(0, NUM_TESTS), NUM_TESTS)}
     if args.task == "arith":
         return {"student": make_solution, "shown": make_solution, "teacher": make_solution}
     student = partial(make_checked_solution, slip_prob=args.slip_prob, check_prob=args.check_prob)
@@ -149,8 +162,10 @@ def sft_texts(rows: list[dict], n: int, teacher_frac: float, rng: random.Random,
         if rng.random() < teacher_frac:
             shown = writers["shown"](row["steps"], rng) if rng.random() < 0.85 else None
             if shown is not None:  # the trainer cuts a shown solution right after its graded \boxed{}
-                shown, write = shown[: last_boxed_span(shown)[1]], writers["teacher"]
-            user = teacher_user_message(user, shown, rng.choice([FEEDBACK_CORRECT, FEEDBACK_INCORRECT]))
+                span = last_boxed_span(shown)  # code solutions have none
+                shown, write = shown[: span[1]] if span else shown, writers["teacher"]
+            feedback = writers["feedback"](rng) if "feedback" in writers else rng.choice([FEEDBACK_CORRECT, FEEDBACK_INCORRECT])
+            user = teacher_user_message(user, shown, feedback)
         pairs.append((user, write(row["steps"], rng)))
     return pairs
 
@@ -199,13 +214,21 @@ def sft(model, examples, args, pad_id: int) -> float:
 
 
 def evaluate(model, tokenizer, rows: list[dict], temperature: float, max_new_tokens: int, seed: int):
-    """(accuracy under the project's math reward, the samples) on `rows`."""
+    """(accuracy under the project's math reward, the samples) on `rows`; code rows: (share of programs that
+    pass every test, the samples), the mean share of tests passed in `evaluate.code_fraction`."""
     from antisd.generation import chat_messages, chat_prompt_ids, sample
     from verifiers.math import MathVerifier
 
     torch.manual_seed(seed)
     prompts = [chat_prompt_ids(tokenizer, chat_messages(r["problem"])) for r in rows]
     samples = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, progress=True)
+    if rows and "tests" in rows[0]:  # the embedded code task: the sandboxed code_tests reward
+        from verifiers.code_tests import CodeTester, CodeTestsReward
+
+        reward = CodeTestsReward(tester=CodeTester(num_workers=2))
+        fractions = reward(samples.texts, [r["tests"] for r in rows])
+        evaluate.code_fraction = sum(fractions) / len(fractions)
+        return sum(p == t for p, t in reward.counts) / len(rows), samples
     with MathVerifier(num_workers=2, timeout_s=5.0) as verifier:
         scores = verifier.score(samples.texts, [r["answer"] for r in rows])
     return sum(scores) / len(scores), samples
@@ -213,6 +236,9 @@ def evaluate(model, tokenizer, rows: list[dict], temperature: float, max_new_tok
 
 def build(args) -> dict:
     from data.arith import generate_split
+
+    if args.task == CODE_TASK:
+        from data.code_arith import generate_split
 
     start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(args.num_threads)
@@ -231,6 +257,7 @@ def build(args) -> dict:
         examples = encode(tokenizer, sft_texts(train, args.sft_steps * args.batch_size, args.teacher_frac, rng, writers))
         loss = sft(model, examples, args, tokenizer.pad_token_id)
         acc_t1, samples = evaluate(model, tokenizer, evals, 1.0, args.max_new_tokens, args.seed)
+        tests_passed_t1 = getattr(evaluate, "code_fraction", None)  # code_arith: the mean share of tests passed
         acc_greedy, _ = evaluate(model, tokenizer, evals, 0.0, args.max_new_tokens, args.seed)
     finally:
         torch.set_num_threads(threads)
@@ -250,7 +277,8 @@ def build(args) -> dict:
         "mean_reference_solution_tokens": sum(solution_tokens) / len(solution_tokens),
         "final_sft_loss": loss,
         "build_seconds": round(time.time() - start, 1),
-        "task": {"name": args.task, "num_steps": generate_split.__kwdefaults__["num_steps"], "digits": generate_split.__kwdefaults__["digits"]},
+        "task": ({"name": args.task, "tests_passed_t1": tests_passed_t1} if args.task == CODE_TASK else
+                 {"name": args.task, "num_steps": generate_split.__kwdefaults__["num_steps"], "digits": generate_split.__kwdefaults__["digits"]}),
         "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "example_eval_completion": samples.texts[0],
     }

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 MATH_VERIFY = "math_verify"
+CODE_TESTS = "code_tests"  # the sandboxed tests of code rows (verifiers/code_tests.py)
 
 
 class RewardError(RuntimeError):
@@ -55,11 +56,19 @@ class MathVerifyReward:
         return self.verifier.score(completions, answer)
 
 
-def load_reward_funcs(specs: list[str], verifier=None) -> dict[str, Callable]:
+def load_reward_funcs(specs: list[str], verifier=None, code_reward: str = "fraction", code_workers: int = 2) -> dict[str, Callable]:
     """{function name: function} for `--reward_funcs` (the names become metrics reward/<name>);
-    'math_verify' is the given math verifier."""
-    return {spec.rpartition(":")[2]: MathVerifyReward(verifier) if spec == MATH_VERIFY else load_reward_func(spec)
-            for spec in specs}
+    'math_verify' is the given math verifier, 'code_tests' the sandboxed tests (`code_reward`: fraction or binary)."""
+    def load(spec):
+        if spec == MATH_VERIFY:
+            return MathVerifyReward(verifier)
+        if spec == CODE_TESTS:
+            from verifiers.code_tests import CodeTester, CodeTestsReward
+
+            return CodeTestsReward(code_reward, CodeTester(num_workers=code_workers))
+        return load_reward_func(spec)
+
+    return {spec.rpartition(":")[2]: load(spec) for spec in specs}
 
 
 def call_reward_func(name: str, func: Callable, completions: list[str], kwargs: dict) -> list[float]:
