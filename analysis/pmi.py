@@ -20,7 +20,9 @@ Writes to --output_dir:
   on hover, one card per rollout;
 - `stats.json`, `stats.md`: by token class (deliberation markers, numbers/arithmetic, answer and
   box, rest): count, mean u, fraction u < 0, and the bonus / penalty mass under AntiSD's -phi(u);
-  on `arith_checks`, also how the rollouts' checks went (`check_stats`: do they catch slips?);
+  on `arith_checks`, also how the rollouts' checks went: `checks` (`check_stats`: the number of check
+  lines, how many follow a wrong step and catch it, how many turn a right step wrong, and whether a
+  check pays within a problem) and `check_details` (the rest of the audit, and u on the checks' tokens);
 - `u_hist.png` (u by class) and `density.png` (pi_S against pi_T of every token, the paper's Fig. 2).
 """
 
@@ -40,15 +42,16 @@ from antisd.checkpoints import model_dir
 from antisd.model_loading import load_policy
 from antisd.rollouts import SamplingSettings, TransformersRollouts, rollout_seed
 from antisd.scoring import length_sorted_batches, logit_chunk_rows, pack_sequences, teacher_scores, token_logprobs
-from data.arith import audit_checks
+from data.arith import AUDIT_KEYS, CHECK_OPENER, audit_checks
 from verifiers.math import MathVerifier
 from verifiers.reward_funcs import MATH_VERIFY, load_reward_funcs
 
 CLASSES = ("deliberation", "number/arithmetic", "answer/box", "rest")
-# The embedded generators' phrases (data/arith.py make_solution, make_checked_solution: "Wait, let me check:
-# ... = 85, not 75.") and the paper's markers; longest first.
+# The embedded generators' phrases (data/arith.py make_solution; make_checked_solution: "Wait, let me check:
+# 47 + 8: units 7 + 8 = 15, tens 4 + 1 = 5, so 55, not 54.") and the paper's markers; longest first. A
+# check's numbers stay number/arithmetic; check_details reports u on whole check lines.
 DELIBERATION = re.compile(r"let me verify|let me check|let me recompute|that's not right|alternatively|"
-                          r"\bwait\b|\blet\b|\bmaybe\b|\bcheck\b|\bnot\b", re.IGNORECASE)
+                          r"\bwait\b|\blet\b|\bmaybe\b|\bcheck\b|\bnot\b|\bunits\b|\btens\b", re.IGNORECASE)
 ANSWER = re.compile(r"so the answer is|\\boxed\{[^{}]*\}|\\boxed", re.IGNORECASE)
 ARITHMETIC = re.compile(r"\d+|[-+*/=×÷^]")
 
@@ -89,7 +92,7 @@ def score_rollouts(cfg: train_antisd.Config, num_problems: int, work_dir: Path) 
     chunk_rows = logit_chunk_rows(model.config.get_text_config(decoder=True).vocab_size, cfg.logit_chunk_mb)
     teacher_ids = train_antisd.teacher_prompts(cfg, tokenizer, 0, 0, rows, prompts, batch_rows, rollout, rewards)
     teacher_logp, _ = teacher_scores(model, teacher_ids, rollout.completion_ids, pad_id, device, cfg.score_batch_size,
-                                     chunk_rows)
+                                     chunk_rows, temperature=cfg.temperature)  # scored at the sampling temperature
     # the student's log pi_S: the first (behaviour-policy) pass of update_policy, without the gradient
     student_logp, u_values = [None] * len(per_rollout), [None] * len(per_rollout)
     model.eval()
@@ -98,7 +101,7 @@ def score_rollouts(cfg: train_antisd.Config, num_problems: int, work_dir: Path) 
                                          cfg.micro_batch_size):
             ids, attn, targets, pos, mask = pack_sequences([rollout.prompt_ids[i] for i in idx],
                                                            [rollout.completion_ids[i] for i in idx], pad_id, device)
-            logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows)
+            logp, _ = token_logprobs(model, ids, attn, targets, pos, mask, chunk_rows, temperature=cfg.temperature)
             t_logp = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in idx], batch_first=True)
             u, _ = train_antisd.pmi_signal(t_logp, logp, mask, "antisd", train_antisd.ConstantLambda(1.0))
             for j, i in enumerate(idx):
@@ -152,25 +155,71 @@ def marker_stats(records: list[dict]) -> dict:
             for k, v in sorted(by_marker.items(), key=lambda kv: -len(kv[1]))}
 
 
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def check_stats(records: list[dict]) -> dict:
-    """`arith_checks`: data.arith.audit_checks summed over the rollouts, and whether a check pays: over
-    the problems that have rollouts with and without a check, the mean of each problem's mean reward
-    with and without one (each problem weighs the same: problems with more steps get more checks and
-    are harder, so pooling rollouts would confound the two)."""
+    """`arith_checks`: does a check catch slips and does it pay, on these rollouts (the five numbers of
+    the premise of a fair check, before any training). `checks`: check lines ("Wait, let me check:");
+    `after_wrong_step`: of those, the ones right below a wrong step; `caught`: of those, the ones that
+    give the step's right value; `turned_right_wrong`: checks right below a right step that give a
+    wrong value (data.arith.audit_checks reads each rollout); `payoff_with_minus_without`: over the
+    problems that have rollouts both with and without a check, the mean of each problem's (mean reward
+    of its rollouts with at least one check - mean reward of those without); every such problem
+    weighs the same, however its rollouts split (problems with more steps get more checks and are
+    harder, so pooling rollouts would confound the two); None when no problem has both kinds."""
     audits = [audit_checks("".join(r["tokens"])) for r in records]
-    totals = {k: sum(a[k] for a in audits) for k in audits[0]}
     by_problem: dict = {}
     for r, a in zip(records, audits):
         by_problem.setdefault(r["problem_id"], {True: [], False: []})[a["checks"] > 0].append(r["reward"])
     both = [p for p in by_problem.values() if p[True] and p[False]]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"checks": sum(a["checks"] for a in audits), "after_wrong_step": sum(a["after_wrong_step"] for a in audits),
+            "caught": sum(a["caught"] for a in audits), "turned_right_wrong": sum(a["turned_right_wrong"] for a in audits),
+            "payoff_with_minus_without": _mean([_mean(p[True]) - _mean(p[False]) for p in both])}
+
+
+def _u_summary(values: list[float]) -> dict:
+    """Count, mean u, share u < 0, and the same share among the tokens with |u| > 0.1 (a check's route is
+    near-certain to student and teacher alike: most of its tokens have u ~ 0 of either sign)."""
+    clear = [v for v in values if abs(v) > 0.1]
+    return {"tokens": len(values), "mean_u": _mean(values), "frac_u_negative": _mean([float(v < 0) for v in values]),
+            "tokens_abs_u_gt_0.1": len(clear), "frac_u_negative_abs_u_gt_0.1": _mean([float(v < 0) for v in clear])}
+
+
+def check_details(records: list[dict]) -> dict:
+    """`arith_checks`: the rest of what the audit reads (audit_checks summed: steps, steps_right,
+    checks_right, after_right_step, ...), how many rollouts and problems have checks, the two means
+    behind `payoff_with_minus_without` (means of the problems' means), and u on the checks' tokens:
+    `u_check_lines` (every token of a check line), `u_check_opener` (a check line's first token, where
+    the policy decides to check) and `u_check_route` (the check line's tokens after "Wait, let me check:")."""
+    audits = [audit_checks("".join(r["tokens"])) for r in records]
+    totals = {k: sum(a[k] for a in audits) for k in AUDIT_KEYS}
+    by_problem: dict = {}
+    for r, a in zip(records, audits):
+        by_problem.setdefault(r["problem_id"], {True: [], False: []})[a["checks"] > 0].append(r["reward"])
+    both = [p for p in by_problem.values() if p[True] and p[False]]
+    lines, openers, routes = [], [], []
+    for r in records:
+        text, start, bounds = "".join(r["tokens"]), 0, []
+        for token in r["tokens"]:
+            bounds.append((start, start + len(token)))
+            start += len(token)
+        for m in re.finditer(rf"^{re.escape(CHECK_OPENER)}[^\n]*", text, re.MULTILINE):
+            inside = [j for j, (a, b) in enumerate(bounds) if a < m.end() and b > m.start()]
+            route_start = m.start() + len(CHECK_OPENER)
+            lines += [r["u"][j] for j in inside]
+            openers += [r["u"][j] for j in inside[:1]]
+            routes += [r["u"][j] for j in inside if bounds[j][0] >= route_start]
     return {**totals, "rollouts": len(records), "rollouts_with_check": sum(a["checks"] > 0 for a in audits),
             "problems_with_and_without_check": len(both),
-            "reward_with_check": mean([mean(p[True]) for p in both]),
-            "reward_without_check": mean([mean(p[False]) for p in both])}
+            "reward_with_check": _mean([_mean(p[True]) for p in both]),
+            "reward_without_check": _mean([_mean(p[False]) for p in both]),
+            "u_check_lines": _u_summary(lines), "u_check_opener": _u_summary(openers), "u_check_route": _u_summary(routes)}
 
 
-def stats_markdown(meta: dict, stats: dict, markers: dict, checks: dict | None = None) -> str:
+def stats_markdown(meta: dict, stats: dict, markers: dict, checks: dict | None = None,
+                   details: dict | None = None) -> str:
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# PMI of `{meta['model']}` on `{meta['dataset']}`", "",
              f"{meta['rollouts']} rollouts of {meta['problems']} problems, mean reward {meta['mean_reward']:.3f}. "
@@ -184,15 +233,24 @@ def stats_markdown(meta: dict, stats: dict, markers: dict, checks: dict | None =
         lines += ["", "Deliberation markers:", "", "| marker | tokens | mean u | frac u < 0 |", "|---|---|---|---|"]
         lines += [f"| {k} | {m['tokens']} | {m['mean_u']:.3f} | {m['frac_u_negative']:.3f} |" for k, m in markers.items()]
     if checks:
-        c = checks
-        lines += ["", "Checks (`Wait, let me check:` lines, data.arith.audit_checks):", "",
-                  f"- {c['steps']} equation steps, {c['steps_right']} right; {c['checks']} checks in "
-                  f"{c['rollouts_with_check']} of {c['rollouts']} rollouts, {c['checks_right']} recompute right;",
-                  f"- {c['checks_after_wrong']} checks follow a wrong step, {c['caught']} of them catch it (right value); "
-                  f"{c['false_alarms']} turn a right step wrong;",
-                  f"- within the {c['problems_with_and_without_check']} problems with rollouts both with and without a "
-                  f"check, mean reward with a check {fmt(c['reward_with_check'])}, without {fmt(c['reward_without_check'])} "
-                  "(means of the problems' means)."]
+        c, d = checks, details or {}
+        rate = lambda n, m: "-" if not m else f"{n / m:.2f}"  # noqa: E731
+        lines += ["", "Checks (`Wait, let me check:` lines, data.arith.audit_checks; `checks` in stats.json):", "",
+                  f"- {c['checks']} checks; {c['after_wrong_step']} right below a wrong step, {c['caught']} of them catch it "
+                  f"(right value; {rate(c['caught'], c['after_wrong_step'])}); {c['turned_right_wrong']} of the "
+                  f"{d.get('after_right_step', '-')} checks below a right step turn it wrong "
+                  f"({rate(c['turned_right_wrong'], d.get('after_right_step'))});",
+                  f"- payoff (within a problem, mean reward with a check - without, each problem weighs the same): "
+                  f"{fmt(c['payoff_with_minus_without'])}"]
+        if d:
+            lines += [f"  over {d['problems_with_and_without_check']} problems with both kinds ({fmt(d['reward_with_check'])} "
+                      f"with, {fmt(d['reward_without_check'])} without);",
+                      f"- {d['steps']} equation steps, {d['steps_right']} right; checks in {d['rollouts_with_check']} of "
+                      f"{d['rollouts']} rollouts, {d['checks_right']} right;"]
+            lines += [f"- u on {name}: {s['tokens']} tokens, mean {fmt(s['mean_u'])}, share u < 0 {fmt(s['frac_u_negative'])}; "
+                      f"{s['tokens_abs_u_gt_0.1']} with |u| > 0.1, share u < 0 {fmt(s['frac_u_negative_abs_u_gt_0.1'])}"
+                      for name, s in (("check lines", d["u_check_lines"]), ("their first token", d["u_check_opener"]),
+                                      ("their route (after the opener phrase)", d["u_check_route"]))]
     return "\n".join(lines) + "\n"
 
 
@@ -294,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": cfg.temperature, "seed": cfg.seed}
     stats, markers = class_stats(records), marker_stats(records)
     checks = check_stats(records) if cfg.dataset == "arith_checks" else None
-    (out / "stats.json").write_text(json.dumps({**meta, "classes": stats, "markers": markers, "checks": checks}, indent=2) + "\n")
-    (out / "stats.md").write_text(stats_markdown(meta, stats, markers, checks))
+    details = check_details(records) if cfg.dataset == "arith_checks" else None
+    (out / "stats.json").write_text(json.dumps({**meta, "classes": stats, "markers": markers, "checks": checks,
+                                                "check_details": details}, indent=2) + "\n")
+    (out / "stats.md").write_text(stats_markdown(meta, stats, markers, checks, details))
     write_html(records, meta, out / "pmi.html")
     plot(records, out)
     print((out / "stats.md").read_text())

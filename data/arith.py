@@ -22,12 +22,27 @@ Train and eval use different derived seeds and a disjoint partition of the probl
 stable hash of `steps`), so no eval computation ever appears in train, whatever `n` is.
 
 Task `arith_checks` (`generate_split(..., task="arith_checks")`): the same problems and split, with
-solutions in which deliberation changes the answer (`make_checked_solution`). With `slip_prob` one
-step's written result is a slip; after any step, with `check_prob`, a check line recomputes it
-("Wait, let me check: 37 + 48 = 85." or, after a slip, "... = 85, not 75.") and the solution goes on
-from the right value. Only a check catches a slip: an unchecked one carries on to a wrong answer, so
-checking more often answers right more often. A row's `solution` (what a teacher may be shown) is a
-correct sample: no slip, or a caught one, as a correct sibling rollout would be.
+solutions in which deliberation changes the answer, and pays (`make_checked_solution`). With
+`slip_prob` one step's written result is a slip (off by 1 or 10); after any step, with `check_prob`,
+a check line recomputes it BY ANOTHER ROUTE and the solution goes on from the check's value:
+
+    47 + 8 = 54.
+    Wait, let me check: 47 + 8: units 7 + 8 = 15, tens 4 + 1 = 5, so 55, not 54.
+
+A step is one jump (`a op x = r`: for a two-digit `a`, the carry or borrow and both digits in one go);
+the check's route (`check_route`) is made of one-digit facts, each read off the numbers just before
+it: `+` and `-` column by column with the carry or borrow ("units 13 - 8 = 5, tens 4 - 1 = 3"), `×`
+by counting up in steps of the value ("7 × 4: 7, 14, 21, 28"), `÷` by the inverse product ("28 ÷ 4:
+4 × 7 = 28"); it ends "so R." (R the right value), with ", not W" when the step wrote W. Why: a check
+that restates the step ("47 + 8 = 55.") lets a small model copy the value above, slip included, and
+a check in one jump is no better at arithmetic than the step; the first `tiny-checks` model's checks
+caught 14 of 56 slips and a check lowered the reward within a problem. Here the check's value comes
+from the parts just before it, never from the step's value, and every check in the SFT data is
+exact while the steps slip at the student's rate, so a check is the more accurate of the two and
+checking more often answers right more often. Only a check catches a slip: an unchecked one carries
+on to a wrong answer. A row's `solution` (what a teacher may be shown) is a correct sample: no slip,
+or a caught one, as a correct sibling rollout would be. `audit_checks` reads any response's checks:
+which follow a wrong step and catch it, which turn a right step wrong.
 """
 
 from __future__ import annotations
@@ -84,10 +99,11 @@ THEMES = [
 ]
 
 TASKS = ("arith", "arith_checks")
-SLIP_PROB, CHECK_PROB = 0.35, 0.3  # arith_checks: chance of a slip per solution, of a check after each step
+SLIP_PROB, CHECK_PROB = 0.65, 0.4  # arith_checks: chance of a slip per solution, of a check after each step
 STARTS = ("Start with {}.", "We begin with {}.", "At first there are {}.")
 SYMBOL = {"+": "+", "-": "-", "*": "×", "/": "÷"}
 INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
+CHECK_OPENER = "Wait, let me check:"
 
 
 def apply(op: str, value: int, x: int) -> int:
@@ -172,6 +188,32 @@ def _carries_on(steps: list, at: int, value: int) -> bool:
     return True
 
 
+def check_route(a: int, op: str, x: int) -> str:
+    """How a check recomputes `a op x` in small parts, each a one-digit fact (module docstring):
+    `+`/`-` column by column with the carry or borrow ("units 7 + 8 = 15, tens 4 + 1 = 5",
+    "units 13 - 8 = 5, tens 4 - 1 = 3"), `×` by counting up in steps of `a` ("7, 14, 21, 28"), `÷`
+    by the inverse product ("4 × 7 = 28")."""
+    tens, units = divmod(a, 10)
+    if op == "+":
+        carry = (units + x) // 10
+        return f"units {units} + {x} = {units + x}, tens {tens} + {carry} = {tens + carry}"
+    if op == "-":
+        borrow = int(units < x)
+        return f"units {units + 10 * borrow} - {x} = {units + 10 * borrow - x}, tens {tens} - {borrow} = {tens - borrow}"
+    if op == "*":
+        return ", ".join(str(a * k) for k in range(1, x + 1))
+    return f"{x} {SYMBOL['*']} {apply('/', a, x)} = {a}"
+
+
+def check_line(a: int, op: str, x: int, written: int) -> str:
+    """The check of the step `a op x = written`: recomputes it by `check_route`, ends with the right
+    value and, when `written` was a slip, names it: "Wait, let me check: 47 + 8: units 7 + 8 = 15,
+    tens 4 + 1 = 5, so 55, not 54." """
+    result = apply(op, a, x)
+    return (f"{CHECK_OPENER} {a} {SYMBOL[op]} {x}: {check_route(a, op, x)}, so {result}"
+            + (f", not {written}." if written != result else "."))
+
+
 def make_checked_solution(steps: list, rng: random.Random, slip_prob: float = SLIP_PROB,
                           check_prob: float = CHECK_PROB, correct: bool = False) -> str:
     """An `arith_checks` solution of `steps`: maybe one slip, caught only by a check (module docstring).
@@ -193,8 +235,7 @@ def make_checked_solution(steps: list, rng: random.Random, slip_prob: float = SL
             written = wrong if i == slip_at else result
             lines.append(_equation(value, op, x, written) + ".")
             if rng.random() < check_prob:
-                lines.append(f"Wait, let me check: {_equation(value, op, x, result)}"
-                             + (f", not {written}." if written != result else "."))
+                lines.append(check_line(value, op, x, written))
                 written = result
             value = written
         lines.append(f"So the answer is \\boxed{{{value}}}.")
@@ -203,37 +244,57 @@ def make_checked_solution(steps: list, rng: random.Random, slip_prob: float = SL
 
 
 _WRITTEN_EQUATION = re.compile(r"(\d+) ([+\-×÷]) (\d+) = (\d+)")
+_CHECK_HEAD = re.compile(r"(\d+) ([+\-×÷]) (\d+)")
+_CHECK_VALUE = re.compile(r"\bso (\d+)")
 _OPERATOR = {v: k for k, v in SYMBOL.items()}
+AUDIT_KEYS = ("steps", "steps_right", "checks", "checks_right", "after_wrong_step", "caught", "after_right_step",
+              "turned_right_wrong")
+
+
+def _value(a: int, op: str, x: int) -> int | None:
+    return None if op == "/" and (x == 0 or a % x) else apply(op, a, x)
 
 
 def audit_checks(text: str) -> dict:
-    """How the checks of an `arith_checks`-style response (a model's, not only ours) went, line by line:
-    `steps` equation lines and how many of them are `steps_right`; `checks` ("Wait, let me check: ..."
-    lines) and how many recompute right (`checks_right`); `checks_after_wrong` (the step above was
-    wrong) and how many of those give the right value (`caught`: the slip is fixed); `false_alarms`
-    (a right step "checked" to a wrong value)."""
-    counts = dict.fromkeys(("steps", "steps_right", "checks", "checks_right", "checks_after_wrong", "caught",
-                            "false_alarms"), 0)
-    above_right = None  # whether the equation line above was right; None when there is none to check
+    """How the checks of an `arith_checks` response (a model's, not only ours) went, line by line.
+
+    An equation line `a op x = w` is a step, right when w is the value of a op x (an inexact division
+    never is). A line that starts with "Wait, let me check:" is a check; its value is the number after
+    its last "so " (none: a garbled check, never right). A check is right when its value is that of the
+    step above it (the equation of the line above; a check with no step right above, e.g. a second
+    check, is judged by its own head `a op x`). Counts: `steps`, `steps_right`, `checks`, `checks_right`;
+    `after_wrong_step` (checks right below a wrong step) and `caught` (of those, the ones with the right
+    value: the slip is fixed); `after_right_step` and `turned_right_wrong` (of those, the ones with a
+    wrong value: a right step "corrected" into a wrong one)."""
+    counts = dict.fromkeys(AUDIT_KEYS, 0)
+    above = None  # (value of the step right above, whether it was written right); None after a check
     for line in text.split("\n"):
+        if line.startswith(CHECK_OPENER):
+            head, values = _CHECK_HEAD.search(line), _CHECK_VALUE.findall(line)
+            value = int(values[-1]) if values else None
+            if above is not None:
+                target = above[0]
+            else:
+                target = _value(int(head[1]), _OPERATOR[head[2]], int(head[3])) if head else None
+            right = value is not None and value == target
+            counts["checks"] += 1
+            counts["checks_right"] += right
+            if above is not None and above[1]:
+                counts["after_right_step"] += 1
+                counts["turned_right_wrong"] += not right
+            elif above is not None:
+                counts["after_wrong_step"] += 1
+                counts["caught"] += right
+            above = None
+            continue
         m = _WRITTEN_EQUATION.search(line)
         if not m:
             continue
-        a, op, x, written = int(m[1]), _OPERATOR[m[2]], int(m[3]), int(m[4])
-        right = (op != "/" or (x > 0 and a % x == 0)) and written == apply(op, a, x)
-        if line.startswith("Wait, let me check:"):
-            counts["checks"] += 1
-            counts["checks_right"] += right
-            if above_right is False:
-                counts["checks_after_wrong"] += 1
-                counts["caught"] += right
-            elif above_right:
-                counts["false_alarms"] += not right
-            above_right = None
-        else:
-            counts["steps"] += 1
-            counts["steps_right"] += right
-            above_right = right
+        target = _value(int(m[1]), _OPERATOR[m[2]], int(m[3]))
+        right = target is not None and int(m[4]) == target
+        counts["steps"] += 1
+        counts["steps_right"] += right
+        above = (target, right)
     return counts
 
 

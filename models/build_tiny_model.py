@@ -15,11 +15,22 @@
 feedback ("Your code passes N of M test cases."), accuracy by the sandboxed `code_tests` reward.
 
 `--task arith_checks` builds `tiny-checks` (models/tiny-qwen3-checks), for the task where only an
-explicit check catches a slip. Its student solutions slip (`--slip_prob`) and check (`--check_prob`)
-at the student's rates; its teacher, when shown a solution, answers without slips and checks at
-`--teacher_check_prob`, much less often: the paper's premise (a teacher who has seen a verified
-solution takes shortcuts, so deliberation gets u = log pi_T - log pi_S < 0) built in on purpose, to
-test whether AntiSD then does what the paper says. Without a shown solution it answers as the student.
+explicit check catches a slip and a check recomputes the step by a route of one-digit facts
+(data/arith.py's module docstring: "Wait, let me check: 47 + 8: units 7 + 8 = 15, tens 4 + 1 = 5, so
+55, not 54."). Its student solutions slip (`--slip_prob`, per solution) and check (`--check_prob`,
+per step) at the student's rates, and every check in them is exact, so the model learns to slip in
+the one-jump steps and to recompute in the checks; its teacher, when shown a solution, answers
+without slips and checks at `--teacher_check_prob`, much less often: the paper's premise (a teacher
+who has seen a verified solution takes shortcuts, so deliberation gets u = log pi_T - log pi_S < 0)
+built in on purpose, to test whether AntiSD then does what the paper says. Without a shown solution
+it answers as the student. It trains 4000 SFT steps (`TASK_SFT_STEPS`; `arith`: 1000) at the same
+size as `tiny`: after 1000-2000 steps its checks still copied the step above or erred (half the
+slips caught or fewer). Built so (4000 steps, 1647 s at one thread), on its own samples before any
+training (`analysis.pmi --model tiny-checks --dataset arith_checks --num_problems 32`: 256 rollouts)
+63 of the 64 checks right below a wrong step catch it, 2 of 123 turn a right step wrong, and within
+a problem the rollouts with a check score 0.37 more than those without; held-out accuracy 0.605 at
+T=1, 0.955 greedy (greedy never slips). build_info.json also holds `eval_checks_t1`, `audit_checks`
+summed over the T=1 eval samples.
 
     python -m models.build_tiny_model [--output_dir models/tiny-qwen3] [--sft_steps N] [--seed S]
     python -m models.build_tiny_model --task arith_checks --output_dir models/tiny-qwen3-checks
@@ -46,6 +57,11 @@ from models import EMBEDDED_MODELS
 DEFAULT_TINY_MODEL_DIR = EMBEDDED_MODELS["tiny"][0]
 # arith_checks only: the student's slip and check rates, the shown-solution teacher's check rate
 CHECKS_DEFAULTS = {"slip_prob": SLIP_PROB, "check_prob": CHECK_PROB, "teacher_check_prob": 0.05}
+# SFT steps by task. 1000 teach arith; arith_checks' check routes are still noisy there (analysis.pmi on the
+# model's own samples: checks caught 11 of 32 slips, turned 11 of 86 right steps wrong, a check lowered the
+# reward within a problem by 0.08; at slip/check rates 0.5/0.4, 2000 steps into a 4000-step run: 26 / 52 caught,
+# 8 / 62 turned wrong; at its end 39 / 46, 1 / 119, a check +0.36)
+TASK_SFT_STEPS = {"arith": 1000, "arith_checks": 4000, CODE_TASK: 600}
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 PRETOKENIZE_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CHAT_TEMPLATE = (
@@ -70,7 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="arith_checks: the same for the teacher shown a solution, which never slips; "
                         f"None: {CHECKS_DEFAULTS['teacher_check_prob']}")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (data, init, SFT, eval sampling)")
-    p.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps; None: 1000 (600 for code_arith)")
+    p.add_argument("--sft_steps", type=int, default=None,
+                   help=f"SFT optimizer steps; None: {TASK_SFT_STEPS['arith']} for arith, {TASK_SFT_STEPS['arith_checks']} "
+                        f"for arith_checks (its checks are exact only after the longer SFT), {TASK_SFT_STEPS[CODE_TASK]} for "
+                        f"{CODE_TASK} (fewer steps leave the tiny model partly right, with room for RL)")
     p.add_argument("--batch_size", type=int, default=16, help="SFT sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up then cosine)")
     p.add_argument("--teacher_frac", type=float, default=0.4, help="fraction of SFT examples in the teacher format")
@@ -85,10 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=192, help="generation budget at evaluation")
     p.add_argument("--num_threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads (1 is much faster than 2 on a busy 2-core machine)")
     args = p.parse_args(argv)
-    if args.sft_steps is None:  # code_arith: fewer steps leave the tiny model partly right, with room for RL
-        args.sft_steps = 600 if args.task == CODE_TASK else 1000
     if args.output_dir is None:
         args.output_dir = str(next(folder for folder, task in EMBEDDED_MODELS.values() if task == args.task))
+    if args.sft_steps is None:
+        args.sft_steps = TASK_SFT_STEPS[args.task]
     for name, default in CHECKS_DEFAULTS.items():
         if args.task == "arith" and getattr(args, name) is not None:
             p.error(f"--{name} is for --task arith_checks")
@@ -282,6 +301,11 @@ def build(args) -> dict:
         "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "example_eval_completion": samples.texts[0],
     }
+    if args.task == "arith_checks":  # how the T=1 samples' checks went (data.arith.audit_checks, summed)
+        from data.arith import AUDIT_KEYS, audit_checks
+
+        audits = [audit_checks(text) for text in samples.texts]
+        info["eval_checks_t1"] = {k: sum(a[k] for a in audits) for k in AUDIT_KEYS}
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"parameters: {params:,}  model.safetensors: {info['model_safetensors_bytes'] / 2**20:.2f} MiB")
     print(f"eval accuracy on {len(evals)} problems: T=1.0 {acc_t1:.3f}  greedy {acc_greedy:.3f}  ({info['build_seconds']} s)")
