@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import re
 from pathlib import Path
 
 from data import code_arith
-from data.loading import DataError, deduplicate, is_local_file, last_user_turn, read_rows
+from data.loading import DataError, check_rows, deduplicate, is_local_file, last_user_turn, read_rows
 from verifiers.code_tests import parse_tests
 
-logger = logging.getLogger(__name__)
 
 CODE_TASKS = (code_arith.TASK,)  # embedded code tasks
 FIELDS = ("problem", "tests", "entry_point", "solution")
@@ -112,18 +110,5 @@ def load_code_dataset(source: str, split: str = "train", *, skip_bad_rows: bool 
         rows = [normalize_code_row(raw, i, id_prefix, columns) for i, raw in enumerate(_read(source, split, config_name))]
     except DataError as err:
         raise DataError(f"{source}: {err}") from err
-    good, skipped = [], []
-    for index, row in enumerate(rows):
-        defect = code_row_defect(row)
-        if defect is None:
-            good.append(row)
-        elif skip_bad_rows:
-            skipped.append(f"row {index} ({row['id']}): {defect}")
-        else:
-            raise DataError(f"{source}, row {index} (id {row['id']}): {defect}. "
-                            "Fix the row, map the column (--problem_column, --tests_column, ...) or pass --skip_bad_rows.")
-    if skipped:
-        logger.warning("%s: skipped %d bad rows; first: %s", source, len(skipped), "; ".join(skipped[:5]))
-    if not good:
-        raise DataError(f"{source}: no usable rows")
-    return deduplicate(good)
+    return deduplicate(check_rows(rows, source, skip_bad_rows, code_row_defect,
+                                  "Fix the row, map the column (--problem_column, --tests_column, ...) or pass --skip_bad_rows."))

@@ -125,17 +125,19 @@ def row_defect(row: dict) -> str | None:
     return None
 
 
-def check_rows(rows: list[dict], source: str, skip_bad_rows: bool) -> list[dict]:
+def check_rows(rows: list[dict], source: str, skip_bad_rows: bool, defect_of=None,
+               fix: str = "Fix the row or pass --skip_bad_rows to drop such rows.") -> list[dict]:
+    """The rows without a defect (`defect_of(row)`, default: a math row's); a bad row stops loading, naming
+    source, row and field, unless `skip_bad_rows` (then they are dropped and counted)."""
     good, skipped = [], []
     for index, row in enumerate(rows):
-        defect = row_defect(row)
+        defect = (defect_of or row_defect)(row)
         if defect is None:
             good.append(row)
         elif skip_bad_rows:
             skipped.append(f"row {index} ({row['id']}): {defect}")
         else:
-            raise DataError(f"{source}, row {index} (id {row['id']}): {defect}. "
-                            "Fix the row or pass --skip_bad_rows to drop such rows.")
+            raise DataError(f"{source}, row {index} (id {row['id']}): {defect}. {fix}")
     if skipped:
         logger.warning("%s: skipped %d bad rows; first: %s", source, len(skipped), "; ".join(skipped[:5]))
     if not good:

@@ -11,27 +11,22 @@ Use it on its own::
 
 Rules (see SPEC section 4):
 
-* Answer region: the text after the LAST ``</think>`` if there is one (a ``\\boxed{}`` that only
-  appears inside the thinking does not count), otherwise the whole completion (an unclosed ``<think>``
-  is not special-cased). The region is then cut to its last ``tail_chars`` characters.
-* Prediction: the content of the LAST top-level ``\\boxed{...}`` (or ``\\fbox{...}``) in that region,
-  braces matched with a stack (``\\{`` / ``\\}`` are literal, not structural). If that last box is
-  never closed (truncated output) there is no answer. No box -> score 0.0: we deliberately do NOT
-  fall back to parsing loose numbers in the text (that rewards guessing / unformatted answers).
-* Gold: wrapped as ``"$" + gold + "$"`` before ``parse`` (a raw ``8\\sqrt{10}`` parses to ``8``);
-  ``verify(gold_parsed, pred_parsed)`` in that order.
-* Every pooled check runs in a long-lived worker process (spawn start method, no torch imported
-  there) under a hard limit of ``timeout_s`` seconds of the worker's CPU time, enforced by the
-  parent: a worker that overruns is SIGKILLed and replaced, the check scores 0.0 and ``timeouts`` is
-  incremented; a worker that dies (or raises) scores 0.0 and increments ``errors``. Inside workers a
-  soft limit of half that CPU time (``ITIMER_PROF``) ends most slow checks without a kill (also
-  counted in ``timeouts``). The limits count CPU time, not wall time, because on a loaded machine a
-  trivial check can wait seconds for a core: wall-clock limits (math-verify's own ``signal.alarm``,
-  which is off in workers) then score right answers 0. A worker that uses no CPU for
-  ``max_wall_s`` (default 30 x ``timeout_s``) is killed all the same.
+* Answer region: the text after the LAST ``</think>`` if there is one (a ``\\boxed{}`` that only appears inside the
+  thinking does not count), otherwise the whole completion (an unclosed ``<think>`` is not special). Cut to its
+  last ``tail_chars`` characters.
+* Prediction: the content of the LAST top-level ``\\boxed{...}`` (or ``\\fbox{...}``) in that region, braces matched
+  with a stack (``\\{`` / ``\\}`` are literal, not structural). If that last box is never closed (truncated output)
+  there is no answer. No box -> score 0.0: we deliberately do NOT fall back to parsing loose numbers in the text.
+* Gold: ``"$" + gold + "$"`` before ``parse`` (a raw ``8\\sqrt{10}`` parses to ``8``); ``verify(gold, pred)`` in that order.
+* Every pooled check runs in a long-lived worker process (spawn start method, no torch imported there) under a hard
+  limit of ``timeout_s`` seconds of the worker's CPU time, enforced by the parent: a worker that overruns is SIGKILLed
+  and replaced, the check scores 0.0 and ``timeouts`` is incremented; a worker that dies (or raises) scores 0.0 and
+  increments ``errors``. Inside workers a soft limit of half that CPU time (``ITIMER_PROF``) ends most slow checks
+  without a kill (also counted in ``timeouts``). The limits count CPU time, not wall time, because on a loaded machine
+  a trivial check can wait seconds for a core: wall-clock limits (math-verify's own ``signal.alarm``, which is off in
+  workers) then score right answers 0. A worker that uses no CPU for ``max_wall_s`` (default 30 x ``timeout_s``) is killed too.
 
-This module must stay light: it imports only the standard library at top level (math_verify is
-imported lazily), because spawned workers import it.
+Light on purpose: spawned workers import it, so only the standard library at top level (math_verify lazily).
 """
 
 from __future__ import annotations
@@ -39,27 +34,18 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.spawn
 import os
 import signal
 import sys
 import threading
 import time
 import weakref
-import multiprocessing
-import multiprocessing.connection
-import multiprocessing.spawn
 
-__all__ = [
-    "MathVerifier",
-    "extract_boxed",
-    "answer_region",
-    "last_boxed_span",
-    "graded_answer",
-    "is_correct",
-    "gold_parses",
-    "TAIL_CHARS",
-    "DEFAULT_TIMEOUT_S",
-]
+__all__ = ["MathVerifier", "extract_boxed", "answer_region", "last_boxed_span", "graded_answer", "is_correct",
+           "gold_parses", "TAIL_CHARS", "DEFAULT_TIMEOUT_S"]
 
 TAIL_CHARS = 2000  # only the last this-many characters of the answer region are searched
 DEFAULT_TIMEOUT_S = 4.0  # hard limit per pooled check, in the worker's CPU seconds

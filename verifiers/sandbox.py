@@ -1,20 +1,17 @@
 """Sandboxed execution of untrusted (model-generated) Python: :func:`run_sandboxed`.
 
-Why: evalplus's ``reliability_guard`` is not a sandbox (network, ``os.open``, ctypes, signals to other
-processes all remain). Every untrusted program runs through :func:`run_sandboxed`.
+Why our own: evalplus's ``reliability_guard`` is not a sandbox (network, ``os.open``, ctypes, signals to
+other processes all remain). Every untrusted program runs through :func:`run_sandboxed`.
 
-Protections (probed once per process, see :func:`sandbox_capabilities`; the first tier of
-``verifiers.sandbox_tiers.ISOLATION_TIERS`` that works here wins):
+Protections (probed once per process by :func:`sandbox_capabilities`; the first working tier of ``ISOLATION_TIERS``):
 
-* always: a fresh ``python -s -P`` subprocess (``-I`` minus ``-E``; the environment is built from
-  scratch, so ``PYTHONHASHSEED`` is honoured), in its own session/process group
-  (``start_new_session``); environment rebuilt from nothing (PATH, HOME, TMPDIR, LANG,
-  PYTHONHASHSEED, thread caps; no inherited secrets); a throwaway working directory that is also
-  HOME and TMPDIR, deleted afterwards; rlimits AS / CPU / NPROC / FSIZE / CORE / NOFILE set by a
-  small trusted launcher (verifiers/sandbox_launcher.py) before ``execve`` (no ``preexec_fn``, safe
-  in threaded parents); a wall-clock limit enforced by the parent, which then SIGKILLs the process
-  group and every descendant it can find; stdout/stderr read with a byte cap (over the cap the
-  program is killed); nothing is ever parsed from the child with ``pickle``.
+* always: a fresh ``python -s -P`` subprocess (``-I`` minus ``-E``) in its own session/process group; its
+  environment rebuilt from nothing (PATH, HOME, TMPDIR, LANG, PYTHONHASHSEED -- honoured --, thread caps; no
+  inherited secrets); a throwaway working directory that is also HOME and TMPDIR, deleted afterwards; rlimits
+  AS / CPU / NPROC / FSIZE / CORE / NOFILE set by a small trusted launcher (verifiers/sandbox_launcher.py)
+  before ``execve`` (no ``preexec_fn``, safe in threaded parents); a wall-clock limit enforced by the parent,
+  which then SIGKILLs the process group and every descendant it can find; stdout/stderr read with a byte cap
+  (over the cap the program is killed); nothing is ever parsed from the child with ``pickle``.
 * ``unshare`` available (util-linux): new network namespace (only a downed ``lo``: no network),
   PID namespace whose init is the launcher (when the program exits or is killed, the kernel kills
   every process left in the namespace: double-forked/setsid daemons cannot outlive the run, and the
@@ -29,10 +26,10 @@ Protections (probed once per process, see :func:`sandbox_capabilities`; the firs
   nested user namespace as a non-root id with no capabilities (so it cannot undo the read-only
   mounts), and ``no_new_privs`` is set either way.
 
-Fallback (no usable ``unshare``): rlimits + process group + env scrub + temp dir (+ uid drop when
-root and the interpreter is reachable). There is then no network or file-system isolation, and
-escaped daemons are hunted best-effort by an environment tag. Limits everywhere: memory is per
-process (RLIMIT_AS), so the aggregate is bounded by ``max_procs * memory_mb``; no cgroups are used.
+Fallback (no usable ``unshare``): rlimits + process group + env scrub + temp dir (+ uid drop when root and the
+interpreter is reachable). There is then no network or file-system isolation, and escaped daemons are hunted
+best-effort by an environment tag. Limits everywhere: memory is per process (RLIMIT_AS), so the aggregate is bounded
+by ``max_procs * memory_mb``; no cgroups are used.
 
 ``python -m verifiers.sandbox`` prints the capabilities as JSON; ``ANTISD_SANDBOX_TIER=<name prefix>``
 (e.g. ``fallback``) forces a tier for testing.
