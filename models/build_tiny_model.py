@@ -13,6 +13,9 @@
 `--task code_arith` builds `tiny-code` (models/tiny-qwen3-code) for the embedded code task
 (data/code_arith.py): SFT on its functions in ```python blocks, teacher prompts with the code
 feedback ("Your code passes N of M test cases."), accuracy by the sandboxed `code_tests` reward.
+It trains 1000 SFT steps: right on 0.600 of the held-out problems at T=1 and 0.785 greedy, so RL
+has the gap between them to close (600 steps gave 0.14 / 0.22, and RL barely moved it; 2500 gave
+0.915 / 0.970).
 
 `--task arith_checks` builds `tiny-checks` (models/tiny-qwen3-checks), for the task where only an
 explicit check catches a slip and a check recomputes the step by a route of one-digit facts
@@ -61,7 +64,7 @@ CHECKS_DEFAULTS = {"slip_prob": SLIP_PROB, "check_prob": CHECK_PROB, "teacher_ch
 # model's own samples: checks caught 11 of 32 slips, turned 11 of 86 right steps wrong, a check lowered the
 # reward within a problem by 0.08; at slip/check rates 0.5/0.4, 2000 steps into a 4000-step run: 26 / 52 caught,
 # 8 / 62 turned wrong; at its end 39 / 46, 1 / 119, a check +0.36)
-TASK_SFT_STEPS = {"arith": 1000, "arith_checks": 4000, CODE_TASK: 600}
+TASK_SFT_STEPS = {"arith": 1000, "arith_checks": 4000, CODE_TASK: 1000}
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 PRETOKENIZE_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CHAT_TEMPLATE = (
@@ -89,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft_steps", type=int, default=None,
                    help=f"SFT optimizer steps; None: {TASK_SFT_STEPS['arith']} for arith, {TASK_SFT_STEPS['arith_checks']} "
                         f"for arith_checks (its checks are exact only after the longer SFT), {TASK_SFT_STEPS[CODE_TASK]} for "
-                        f"{CODE_TASK} (fewer steps leave the tiny model partly right, with room for RL)")
+                        f"{CODE_TASK} (room for RL: right at T=1 well below greedy)")
     p.add_argument("--batch_size", type=int, default=16, help="SFT sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up then cosine)")
     p.add_argument("--teacher_frac", type=float, default=0.4, help="fraction of SFT examples in the teacher format")
