@@ -73,7 +73,7 @@ if str(REPO) not in sys.path:  # evaluation workers import evaluate.py and the t
     sys.path.insert(0, str(REPO))
 
 import train_antisd  # noqa: E402
-from analysis.study_report import (BASELINE, METRICS, paired_difference, plot_study, report_markdown,  # noqa: E402
+from analysis.study_report import (BASELINE, METRICS, paired_difference, plot_study, report_markdown, smooth,  # noqa: E402
                                    t_interval)
 from data.loading import EMBEDDED_TASKS  # noqa: E402
 from models import EMBEDDED_MODELS  # noqa: E402
@@ -245,9 +245,10 @@ def eval_curve(out: Path, run: Run, steps: list[int], temperature: float) -> dic
     return curve
 
 
-def summarize_study(out: Path, runs: list[Run], steps: list[int], temperatures: list[float]) -> dict:
+def summarize_study(out: Path, runs: list[Run], steps: list[int], temperatures: list[float], window: int = 10) -> dict:
     """Everything the report says, from the runs' own files (metrics.jsonl, each evaluation's results.json).
-    `steps` are the evaluated checkpoints, the last one the final step; `temperatures[0]` is the training one."""
+    `steps` are the evaluated checkpoints, the last one the final step; `temperatures[0]` is the training one;
+    `window`: the trailing mean of the training reward."""
     late = second_half_steps(steps, steps[-1])
     summary = {"runs": {}, "methods": {}, "grpo_peak": {}, "metrics": {
         "primary": {"steps": late, "definition": f"mean held-out avg@n over the evaluated checkpoints of steps > "
@@ -286,7 +287,25 @@ def summarize_study(out: Path, runs: list[Run], steps: list[int], temperatures: 
                                                               {s: c[metric] for s, c in curves[BASELINE].items()})
                                     for metric in METRICS}
     summary["differences"] = summary["differences_by_temperature"][temperature_key(temperatures[0])]
+    summary["training_reward"] = steps_to_grpo_training_peak(summary, runs, steps[-1], window)
     return summary
+
+
+def steps_to_grpo_training_peak(summary: dict, runs: list[Run], max_steps: int, window: int) -> dict:
+    """Steps to GRPO's peak read off the training reward, which has a value at every step (the held-out curve has
+    one per checkpoint): per finished run, the first step whose trailing `window`-step mean reward reaches the
+    target, the mean over seeds of GRPO's per-seed peaks of that trailing mean ("never" if it does not)."""
+    finished = [r for r in runs if len(summary["runs"][r.name]["train"]["step"]) >= max_steps]
+    curves = {r.name: smooth(summary["runs"][r.name]["train"]["reward/mean"], window) for r in finished}
+    peaks = [float(np.nanmax(curves[r.name])) for r in finished if r.arm.name == BASELINE]
+    target = float(np.mean(peaks)) if peaks else None
+    reach = {}
+    for r in finished:
+        hit = np.flatnonzero(curves[r.name] >= target - 1e-12) if target is not None else []
+        reach.setdefault(r.arm.name, {})[r.seed] = summary["runs"][r.name]["train"]["step"][hit[0]] if len(hit) else "never"
+    return {"definition": f"first step whose trailing {window}-step mean training reward reaches {BASELINE}'s peak of "
+                          f"it (mean over seeds of the per-seed peaks)", "window": window, "grpo_peak": target,
+            "steps_to_grpo_peak": reach}
 
 
 # =====================================================================================
@@ -422,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     log(f"done: {job}")
 
-    summary = summarize_study(out, runs, steps, temperatures)
+    summary = summarize_study(out, runs, steps, temperatures, opts.smooth)
     settings = {"command": "python -m analysis.compare " + shlex.join(argv if argv is not None else sys.argv[1:]),
                 "methods": [arm.name for arm in opts.methods],
                 "arms": {arm.name: {"method": arm.method, "flags": list(arm.flags)} for arm in opts.methods},

@@ -181,6 +181,14 @@ def report_markdown(summary: dict, settings: dict, pngs: list[str]) -> str:
                     lines.append(f"| {arm} - {BASELINE} | {'**primary**' if metric == 'primary' else metric} | "
                                  f"{len(d['per_seed'])} | {per_seed or '-'} | {fmt_ci(d)} | {p} | {reading(d)} |")
         lines.append("")
+    train = summary.get("training_reward")
+    if train and train["grpo_peak"] is not None:
+        lines += ["## Steps to GRPO's peak, by the training reward", "",
+                  f"Per run, the {train['definition']}: {train['grpo_peak']:.3f}. Every step counts here, where the "
+                  "held-out score is read only at the checkpoints.", "", "| arm | runs | per seed (seed: step) |", "|---|---|---|"]
+        for arm, by_seed in train["steps_to_grpo_peak"].items():
+            lines.append(f"| {arm} | {len(by_seed)} | " + ", ".join(f"{seed}: {step}" for seed, step in by_seed.items()) + " |")
+        lines.append("")
     keys = list(summary["grpo_peak"])
     lines += ["## Per run", "", "| run | reward first 10 -> last 10 steps | gate open (share of steps) | "
               "teacher entropy (median of steps) | truncated (mean) | " + " | ".join(

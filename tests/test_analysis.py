@@ -131,6 +131,30 @@ def test_summary_pairs_arms_with_grpo_seed_by_seed(tmp_path):
     assert rows["| rel - grpo**primary**"].endswith("| no difference shown |")
 
 
+def test_steps_to_grpo_peak_by_the_training_reward(tmp_path):
+    """Every step counts: the first step whose trailing mean reward reaches the mean of GRPO's per-seed peaks."""
+    grpo, antisd = parse_arm("grpo"), parse_arm("antisd")
+    rewards = {("grpo", 0): [0.2, 0.4, 0.6, 0.4], ("grpo", 1): [0.2, 0.2, 0.4, 0.6],
+               ("antisd", 0): [0.4, 0.6, 0.6, 0.6], ("antisd", 1): [0.2, 0.2, 0.2, 0.2], ("antisd", 2): [0.9, 0.9]}
+    runs = [Run(arm, seed, tmp_path) for arm in (grpo, antisd) for seed in (0, 1, 2)]
+    for run in runs:
+        if (run.arm.name, run.seed) in rewards:
+            run.dir.mkdir(parents=True)
+            (run.dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward/mean": r}) + "\n"
+                                                           for i, r in enumerate(rewards[run.arm.name, run.seed])))
+    summary = summarize_study(tmp_path, runs, [2, 4], [1.0], window=2)
+    train = summary["training_reward"]
+    # trailing 2-step means: grpo seed 0 0.2, 0.3, 0.5, 0.5 (peak 0.5); seed 1 0.2, 0.2, 0.3, 0.5 (peak 0.5); target 0.5
+    assert train["grpo_peak"] == pytest.approx(0.5)
+    # antisd seed 0: 0.4, 0.5 -> step 2; seed 1 never; seed 2 stopped at step 2 of 4: left out
+    assert train["steps_to_grpo_peak"] == {"grpo": {0: 3, 1: 4}, "antisd": {0: 2, 1: "never"}}
+    settings = {"methods": ["grpo", "antisd"], "arms": {"grpo": {"method": "grpo", "flags": []},
+                "antisd": {"method": "antisd", "flags": []}}, "command": "x", "seeds": [0, 1, 2], "max_steps": 4,
+                "eval_every": 2, "eval_bench": "arith", "eval_problems": 8, "eval_n": 1, "eval_max_new_tokens": 40,
+                "training_flags": []}
+    assert "| antisd | 2 | 0: 2, 1: never |" in report_markdown(summary, settings, [])
+
+
 def test_arms_parse_and_their_flags_reach_the_runs(tmp_path):
     import train_antisd
 
