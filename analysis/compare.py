@@ -43,7 +43,10 @@ the per-seed differences arm - grpo, their mean, a 95% Student-t interval with n
 study_report.sign_test_p). The report calls a difference higher/lower only when its interval excludes 0, else "no
 difference shown".
 
-summary.json: `runs[<arm>-seed<seed>]` (training curves, `eval[T<t>]` curves and metrics),
+Steps to GRPO's peak are also read off the training reward (`training_reward`): per finished run, the first step
+whose trailing --smooth-step mean reaches the mean of GRPO's per-seed peaks of that mean.
+
+summary.json (4 decimals): `runs[<arm>-seed<seed>]` (training curves, `eval[T<t>]` curves and metrics),
 `methods[<arm>][T<t>][<metric>]` = {mean, ci95, per_seed}, `metrics` (what each metric is, its steps),
 `differences_by_temperature[T<t>][<arm>][<metric>]` for every temperature, and `differences[<arm>][<metric>]`
 the same at the training temperature, each {per_seed: [{seed, value}], mean, ci95: [lo, hi] or null,
