@@ -1,9 +1,10 @@
 """The two tables of results/arith_checks/README.md that compare's report does not make:
 
-    python results/arith_checks/tables.py STUDY_DIR PMI_DIR
+    python results/arith_checks/tables.py STUDY_DIR PMI_DIR [SEED ...]
 
 STUDY_DIR: the study's folder (runs/<arm>-seed<s>/metrics.jsonl); PMI_DIR: `analysis.pmi` output folders, `init`
-(the untrained model) and one per finished run, named as the run (their stats.json `check_details`)."""
+(the untrained model) and one per finished run, named as the run (their stats.json `check_details`); SEED: only
+these seeds (default: every finished run)."""
 import json
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 ARMS = ("grpo", "sd", "antisd", "antisd_release", "antisd_mixed")
-study, pmi = Path(sys.argv[1]), Path(sys.argv[2])
+study, pmi, seeds = Path(sys.argv[1]), Path(sys.argv[2]), {int(s) for s in sys.argv[3:]}
 
 
 def mean(values) -> float:
@@ -20,7 +21,8 @@ def mean(values) -> float:
 
 
 def finished_runs(arm: str) -> list[Path]:
-    return sorted(d for d in study.glob(f"runs/{arm}-seed*") if (d / "model.safetensors").exists())
+    return sorted(d for d in study.glob(f"runs/{arm}-seed*") if (d / "model.safetensors").exists()
+                  and (not seeds or int(d.name.rsplit("-seed", 1)[1]) in seeds))
 
 
 print("Training, mean over seeds (all-equal groups: groups whose rollouts all got the same reward, steps 26-200; "
