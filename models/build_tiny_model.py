@@ -28,7 +28,7 @@ who has seen a verified solution takes shortcuts, so deliberation gets u = log p
 built in on purpose, to test whether AntiSD then does what the paper says. Without a shown solution
 it answers as the student. It trains 4000 SFT steps (`TASK_SFT_STEPS`; `arith`: 1000) at the same
 size as `tiny`: after 1000-2000 steps its checks still copied the step above or erred (half the
-slips caught or fewer). Built so (4000 steps, 1647 s at one thread), on its own samples before any
+slips caught or fewer). Built so, on its own samples before any
 training (`analysis.pmi --model tiny-checks --dataset arith_checks --num_problems 32`: 256 rollouts)
 63 of the 64 checks right below a wrong step catch it, 2 of 123 turn a right step wrong, and within
 a problem the rollouts with a check score 0.37 more than those without; held-out accuracy 0.605 at
