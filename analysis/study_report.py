@@ -54,25 +54,26 @@ def smooth(values: list, window: int) -> np.ndarray:
                      else np.nan for i in range(len(x))])
 
 
-def band(ax, steps, curves: list[np.ndarray], label: str) -> None:
+def band(ax, steps, curves: list[np.ndarray], label: str, color: str) -> None:
     """mean +- sd over seeds of curves cut to the shortest."""
     n = min(len(c) for c in curves)
     if n == 0:
         return
     stack = np.stack([c[:n] for c in curves])
     mean, sd = np.nanmean(stack, 0), np.nanstd(stack, 0)
-    line, = ax.plot(steps[:n], mean, label=f"{label} ({len(curves)} seeds)")
-    ax.fill_between(steps[:n], mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+    ax.plot(steps[:n], mean, label=f"{label} ({len(curves)} seeds)", color=color)
+    ax.fill_between(steps[:n], mean - sd, mean + sd, color=color, alpha=0.2)
 
 
 def save_png(fig, path: Path) -> None:
     """A 64-colour palette PNG: the line plots look the same at a quarter of the bytes, so a study's figures fit
-    in results/."""
+    in results/ (the octree keeps each line's colour where median cut let wide bands of one colour take its
+    entries)."""
     from PIL import Image
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    Image.open(buffer).convert("RGB").quantize(colors=64).save(path, optimize=True)
+    Image.open(buffer).convert("RGB").quantize(colors=64, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 def plot_study(summary: dict, out: Path, window: int) -> list[str]:
@@ -84,6 +85,7 @@ def plot_study(summary: dict, out: Path, window: int) -> list[str]:
     by_arm = {}
     for entry in summary["runs"].values():
         by_arm.setdefault(entry["arm"], []).append(entry)
+    colors = {arm: f"C{i % 10}" for i, arm in enumerate(by_arm)}  # an arm keeps its colour in every figure
     files = []
 
     def train_figure(name: str, panels: list[tuple[str, str, bool]]) -> None:
@@ -93,7 +95,7 @@ def plot_study(summary: dict, out: Path, window: int) -> list[str]:
                 curves = [smooth(e["train"][key], window) for e in entries if e["train"]["step"]]
                 if curves and any(np.isfinite(c).any() for c in curves):
                     longest = max(entries, key=lambda e: len(e["train"]["step"]))["train"]["step"]
-                    band(ax, np.array(longest), curves, arm)
+                    band(ax, np.array(longest), curves, arm, colors[arm])
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if log:
@@ -118,7 +120,7 @@ def plot_study(summary: dict, out: Path, window: int) -> list[str]:
             curves = [e["eval"][key] for e in entries if e["eval"][key]["avg"]]
             if curves:
                 longest = max(curves, key=lambda c: len(c["step"]))["step"]
-                band(ax, np.array(longest), [np.array(c["avg"]) for c in curves], arm)
+                band(ax, np.array(longest), [np.array(c["avg"]) for c in curves], arm, colors[arm])
         if summary["grpo_peak"][key] is not None:
             ax.axhline(summary["grpo_peak"][key], color="grey", linestyle=":", label="GRPO peak (mean over seeds)")
         ax.set_title(f"held-out avg@n at {key}")
