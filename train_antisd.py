@@ -50,7 +50,7 @@ from antisd.policy_reads import PolicyReads
 from antisd.rollouts import ROLLOUT_BACKENDS, SamplingSettings, generate_for_step, make_rollouts, rollout_seed
 from antisd.scoring import logit_chunk_rows, teacher_scores
 from data.code import CODE_TASKS, load_code_dataset
-from data.loading import default_instruction, load_math_dataset, step_rows
+from data.loading import dataset_name, default_instruction, load_math_dataset, step_rows
 from prompts import answer_feedback, code_feedback, code_user_prompt, teacher_user_message, user_prompt
 from verifiers.math import MathVerifier, last_boxed_span
 from verifiers.code_tests import feedback_counts
@@ -81,7 +81,8 @@ def arg(default, help: str):
 class Config:
     config: str | None = arg(None, "YAML recipe (may `include:` a shared one); flags override it.")
     # --- run
-    output_dir: str = arg("runs/antisd-arith", "Checkpoints, metrics.jsonl, metrics.png, the final model.")
+    output_dir: str | None = arg(None, "Checkpoints, metrics.jsonl, metrics.png, the final model; "
+                                       "default: runs/<method>-<dataset name>, e.g. runs/antisd-arith.")
     seed: int = arg(0, "Seeds the prompt order, the rollouts and the shown-solution choice.")
     max_steps: int = arg(300, "Optimizer steps (one rollout batch each). Paper: 200.")
     save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
@@ -181,6 +182,8 @@ class Config:
 
     def __post_init__(self):
         """Defaults that follow from other fields (a value given anywhere wins)."""
+        if self.output_dir is None:  # a run of another method or task never lands in the default run's folder
+            self.output_dir = f"runs/{self.method}-{dataset_name(self.dataset)}"
         if self.gate_reopen_ratio is None:
             self.gate_reopen_ratio = REOPEN_RATIO.get(self.gate, 1.0)
         if self.reward_funcs is None and self.dataset in CODE_TASKS:  # the embedded code task is scored by its tests

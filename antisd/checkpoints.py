@@ -48,7 +48,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def prepare_output_dir(accelerator, output_dir: Path, config: dict, resume: bool) -> Path | None:
     """The checkpoint a --resume continues from (None: a fresh start); the main process creates the
-    folder and writes the run's config.yaml (without `resume`, so the saved config can be resumed)."""
+    folder and writes the run's config.yaml (without `resume`, so the saved config can be resumed).
+    A fresh start refuses a folder that holds a run's metrics or checkpoints: it would overwrite them."""
+    metrics, checkpoint = output_dir / "metrics.jsonl", latest_checkpoint(output_dir)
+    held = [checkpoint.name] if checkpoint else []
+    if metrics.is_file() and metrics.stat().st_size:
+        held.insert(0, metrics.name)
+    if held and not resume:
+        raise SystemExit(f"{output_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                         f"or another --output_dir (delete the folder to start it over)")
     resume_from = latest_checkpoint(output_dir) if resume else None
     if resume and resume_from is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)

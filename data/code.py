@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 
 from data import code_arith
-from data.loading import DataError, check_rows, deduplicate, is_local_file, last_user_turn, read_rows
+from data.loading import DataError, check_rows, dataset_name, deduplicate, last_user_turn, read_rows
 from verifiers.code_tests import parse_tests
 
 
@@ -105,7 +105,7 @@ def load_code_dataset(source: str, split: str = "train", *, skip_bad_rows: bool 
     """Code rows of an embedded code task, a local file or a hub dataset (module docstring)."""
     if source in CODE_TASKS:
         return code_arith.generate_split(split, embedded_size, seed=seed)
-    id_prefix = Path(source).stem if is_local_file(source) else source.split("/")[-1]
+    id_prefix = dataset_name(source)
     try:
         rows = [normalize_code_row(raw, i, id_prefix, columns) for i, raw in enumerate(_read(source, split, config_name))]
     except DataError as err:

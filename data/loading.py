@@ -60,6 +60,11 @@ def is_local_file(source: str) -> bool:
     return Path(source).suffix in LOCAL_SUFFIXES or Path(source).is_file()
 
 
+def dataset_name(source: str) -> str:
+    """A short name of a dataset source: a local file's stem, a hub id's last part, an embedded task's name."""
+    return Path(source).stem if is_local_file(source) else source.rstrip("/").split("/")[-1]
+
+
 def read_rows(source: str, split: str, config_name: str | None = None) -> list[dict]:
     """Raw rows of a local file or hub dataset (its subset `config_name`), through `datasets.load_dataset`."""
     import datasets
@@ -163,7 +168,7 @@ def load_math_dataset(source: str, split: str = "train", *, skip_bad_rows: bool 
         return code_arith.generate_split(split, embedded_size, seed=seed)
     if source in EMBEDDED_TASKS:
         return arith.generate_split(split, embedded_size, seed=seed, task=source)
-    id_prefix = Path(source).stem if is_local_file(source) else source.split("/")[-1]
+    id_prefix = dataset_name(source)
     try:
         rows = [normalize_row(raw, i, id_prefix, columns) for i, raw in enumerate(read_rows(source, split, config_name))]
     except DataError as err:

@@ -183,6 +183,19 @@ def test_config_file_cli_overrides_and_validation(tmp_path):
         Config(lr_scheduler="constant", lr_warmup_steps=10).validate(num_processes=1)
 
 
+def test_output_dir_follows_method_and_dataset_and_a_new_run_never_overwrites_one(tmp_path):
+    assert parse_config([]).output_dir == "runs/antisd-arith"
+    assert parse_config(["--method", "grpo", "--dataset", "data/my_problems.jsonl"]).output_dir == "runs/grpo-my_problems"
+    assert parse_config(["--dataset", "BytedTsinghua-SIA/DAPO-Math-17k"]).output_dir == "runs/antisd-DAPO-Math-17k"
+    assert parse_config(["--method", "sd", "--output_dir", "mine"]).output_dir == "mine"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit, match=r"already holds a run \(metrics.jsonl\): pass --resume"):
+        main(parse_config(FAST + ["--output_dir", str(run)]))
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
 def test_release_preset_is_a_layer_of_defaults_under_recipes_and_flags(tmp_path):
     paper = parse_config([])
     assert (paper.gate_reopen_ratio, paper.dataset_solution_fallback, paper.group_signal, paper.gate_close_above) == (1.0, True, "all", 0)
