@@ -57,7 +57,7 @@ def prepare_output_dir(accelerator, output_dir: Path, config: dict, resume: bool
     if held and not resume:
         raise SystemExit(f"{output_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                          f"or another --output_dir (delete the folder to start it over)")
-    resume_from = latest_checkpoint(output_dir) if resume else None
+    resume_from = checkpoint if resume else None
     if resume and resume_from is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
     if accelerator.is_main_process:
